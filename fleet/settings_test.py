@@ -1,0 +1,38 @@
+"""Test settings: the real settings with a throwaway var/ and a fast password hasher for users.
+
+Redis and the broker are real servers started by tests/conftest.py on free ports; their addresses
+come in through the environment before this module is read.
+"""
+
+import os
+import socket
+import tempfile
+
+os.environ.setdefault("FLEET_VAR_DIR", tempfile.mkdtemp(prefix="fleetkeeper-test-var-"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The test Redis (started by tests/conftest.py) gets a free port, chosen here, before anything reads
+# REDIS_URL; child processes (a Celery worker) inherit it through the environment.
+os.environ.setdefault("FLEET_TEST_REDIS_URL", f"redis://127.0.0.1:{_free_port()}/0")
+os.environ["REDIS_URL"] = os.environ["FLEET_TEST_REDIS_URL"]
+for _name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+    os.environ.pop(_name, None)
+
+from .settings import *  # noqa: E402,F403
+
+# Console users' passwords: speed only matters in tests; device secrets use their own hashing.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+REST_FRAMEWORK = {**REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"token": "1000/min"}}  # noqa: F405
+
+# Tests that run a real Celery worker need the test database to be reachable from another process:
+# SQLite's test database is a file (not in-memory), and the worker is told its name.
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}  # noqa: F405
+if os.environ.get("FLEET_TEST_DB_NAME"):
+    DATABASES["default"]["NAME"] = os.environ["FLEET_TEST_DB_NAME"]  # noqa: F405
