@@ -24,14 +24,13 @@ class AuditContext:
     service: str | None = None
 
 
-_context: contextvars.ContextVar[AuditContext] = contextvars.ContextVar(  # noqa: B039 (frozen dataclass)
-    "audit_context", default=AuditContext()
-)
+_NO_CONTEXT = AuditContext()
+_context: contextvars.ContextVar[AuditContext | None] = contextvars.ContextVar("audit_context", default=None)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def current_context() -> AuditContext:
-    return _context.get()
+    return _context.get() or _NO_CONTEXT
 
 
 @contextlib.contextmanager
