@@ -36,6 +36,7 @@ ROLE_PERMISSIONS: dict[str, list[str] | str] = {
         "devices.reinstate_device",
         "security.view_alert",
         "security.view_brokerstate",
+        "security.sync_policy",
         "django_celery_beat.view_periodictask",
     ],
     # On call: stop a compromised device, work the alerts.
@@ -65,10 +66,15 @@ def roles_sync(apps) -> None:
     """Create or update the role groups. Works with historical models (``apps`` from a migration)."""
     from django.contrib.auth.management import create_permissions
 
+    # Permissions are normally created after all migrations (post_migrate); create them now so the groups
+    # can be given them. Historical app configs have no models_module, which create_permissions requires.
     for app_config in apps.get_app_configs():
-        app_config.models_module = True
-        create_permissions(app_config, verbosity=0, apps=apps)
-        app_config.models_module = None
+        original = getattr(app_config, "models_module", None)
+        app_config.models_module = original or True
+        try:
+            create_permissions(app_config, verbosity=0, apps=apps)
+        finally:
+            app_config.models_module = original
 
     Group = apps.get_model("auth", "Group")
     Permission = apps.get_model("auth", "Permission")

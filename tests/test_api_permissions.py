@@ -1,0 +1,333 @@
+"""Every API endpoint for every role: who gets in, who gets 403 (or 401 when anonymous), and an audit
+event with actor, source address and request id for every change that went through.
+
+When you add an endpoint, add a row to ENDPOINTS: test_every_api_route_is_in_the_table fails until you do.
+"""
+
+import itertools
+import re
+import uuid
+
+import pytest
+from django.urls import URLPattern, URLResolver, get_resolver
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from devices.models import Device, DeviceGroup, DeviceModel, ImportJob
+from security.audit import audit_record
+from security.models import AuditEvent
+from tests.conftest import make_user
+from tests.factories import PASSWORD, DeviceFactory, DeviceGroupFactory, DeviceModelFactory
+
+pytestmark = pytest.mark.django_db
+
+ROLES = ("admin", "operator", "support", "auditor", "norole", "anonymous")
+EVERYONE = {"admin", "operator", "support", "auditor", "norole"}
+INVENTORY_READERS = {"admin", "operator", "support", "auditor"}
+FLEET_WRITERS = {"admin", "operator"}
+IMPORT_READERS = {"admin", "operator", "auditor"}
+AUDIT_READERS = {"admin", "auditor"}
+
+
+def _token_body(ctx):
+    if ctx["username"] is None:  # anonymous: someone without an account guessing
+        return {"username": "nobody", "password": "guess"}
+    return {"username": ctx["username"], "password": PASSWORD}
+
+
+# (name, method, url(ctx), body(ctx) or None, format, roles allowed, success status, audited action or None)
+ENDPOINTS = [
+    ("token", "post", lambda c: "/api/v1/auth/token/", _token_body, "json", EVERYONE, 200, "auth.token_issue"),
+    ("schema", "get", lambda c: "/api/v1/schema/", None, None, EVERYONE, 200, None),
+    ("docs", "get", lambda c: "/api/v1/docs/", None, None, EVERYONE, 200, None),
+    ("device-list", "get", lambda c: "/api/v1/devices/", None, None, INVENTORY_READERS, 200, None),
+    ("device-detail", "get", lambda c: "/api/v1/devices/device-perm/", None, None, INVENTORY_READERS, 200, None),
+    (
+        "device-create",
+        "post",
+        lambda c: "/api/v1/devices/",
+        lambda c: {"client_id": "device-new", "model": "Model-A", "groups": ["group-a"]},
+        "json",
+        FLEET_WRITERS,
+        201,
+        "device.create",
+    ),
+    (
+        "device-patch",
+        "patch",
+        lambda c: "/api/v1/devices/device-perm/",
+        lambda c: {"name": "renamed"},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "device.update",
+    ),
+    (
+        "device-put",
+        "put",
+        lambda c: "/api/v1/devices/device-perm/",
+        lambda c: {"client_id": "device-perm", "name": "replaced", "groups": []},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "device.update",
+    ),
+    (
+        "device-delete",
+        "delete",
+        lambda c: "/api/v1/devices/device-perm/",
+        None,
+        None,
+        FLEET_WRITERS,
+        204,
+        "device.delete",
+    ),
+    (
+        "device-import",
+        "post",
+        lambda c: "/api/v1/devices/import/",
+        lambda c: "client_id\ndevice-imp\n",
+        "csv",
+        FLEET_WRITERS,
+        202,
+        "import.submit",
+    ),
+    ("import-list", "get", lambda c: "/api/v1/imports/", None, None, IMPORT_READERS, 200, None),
+    ("import-detail", "get", lambda c: f"/api/v1/imports/{c['job']}/", None, None, IMPORT_READERS, 200, None),
+    ("model-list", "get", lambda c: "/api/v1/models/", None, None, INVENTORY_READERS, 200, None),
+    ("model-detail", "get", lambda c: f"/api/v1/models/{c['model']}/", None, None, INVENTORY_READERS, 200, None),
+    (
+        "model-create",
+        "post",
+        lambda c: "/api/v1/models/",
+        lambda c: {"name": "Model-new"},
+        "json",
+        FLEET_WRITERS,
+        201,
+        "devicemodel.create",
+    ),
+    (
+        "model-patch",
+        "patch",
+        lambda c: f"/api/v1/models/{c['model']}/",
+        lambda c: {"latest_firmware": "9.9"},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "devicemodel.update",
+    ),
+    (
+        "model-put",
+        "put",
+        lambda c: f"/api/v1/models/{c['model']}/",
+        lambda c: {"name": "Model-A", "manufacturer": "Other"},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "devicemodel.update",
+    ),
+    (
+        "model-delete",
+        "delete",
+        lambda c: f"/api/v1/models/{c['unused_model']}/",
+        None,
+        None,
+        FLEET_WRITERS,
+        204,
+        "devicemodel.delete",
+    ),
+    ("group-list", "get", lambda c: "/api/v1/groups/", None, None, INVENTORY_READERS, 200, None),
+    ("group-detail", "get", lambda c: f"/api/v1/groups/{c['group']}/", None, None, INVENTORY_READERS, 200, None),
+    (
+        "group-create",
+        "post",
+        lambda c: "/api/v1/groups/",
+        lambda c: {"name": "group-new"},
+        "json",
+        FLEET_WRITERS,
+        201,
+        "devicegroup.create",
+    ),
+    (
+        "group-patch",
+        "patch",
+        lambda c: f"/api/v1/groups/{c['group']}/",
+        lambda c: {"description": "north site"},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "devicegroup.update",
+    ),
+    (
+        "group-put",
+        "put",
+        lambda c: f"/api/v1/groups/{c['group']}/",
+        lambda c: {"name": "group-a", "description": "replaced"},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "devicegroup.update",
+    ),
+    (
+        "group-delete",
+        "delete",
+        lambda c: f"/api/v1/groups/{c['group']}/",
+        None,
+        None,
+        FLEET_WRITERS,
+        204,
+        "devicegroup.delete",
+    ),
+    # Broker enforcement (security/api/views/broker.py).
+    (
+        "device-credentials",
+        "post",
+        lambda c: "/api/v1/devices/device-perm/credentials/",
+        lambda c: {},
+        "json",
+        FLEET_WRITERS,
+        201,
+        "credential.issue",
+    ),
+    ("policy", "get", lambda c: "/api/v1/policy/", None, None, INVENTORY_READERS, 200, None),
+    (
+        "policy-sync",
+        "post",
+        lambda c: "/api/v1/policy/sync/",
+        None,
+        None,
+        FLEET_WRITERS,
+        202,
+        "broker.sync_requested",
+    ),
+    ("audit-list", "get", lambda c: "/api/v1/audit-log/", None, None, AUDIT_READERS, 200, None),
+    ("audit-detail", "get", lambda c: f"/api/v1/audit-log/{c['event']}/", None, None, AUDIT_READERS, 200, None),
+]
+
+# Successful calls that change something other than the inventory rows _state() compares.
+OUTSIDE_THE_INVENTORY = {"token", "device-credentials", "policy-sync"}
+
+# The table written out: expected status per endpoint and role. Anonymous callers get 401 (token auth
+# comes first), except on the docs page, which is for people and sends them to the login page.
+EXPECTED = {
+    (name, role): ((400 if name == "token" else 401) if role == "anonymous" else success if role in allowed else 403)
+    for (name, _m, _u, _b, _f, allowed, success, _a), role in itertools.product(ENDPOINTS, ROLES)
+}
+EXPECTED[("docs", "anonymous")] = 302
+
+
+@pytest.fixture
+def inventory():
+    model = DeviceModelFactory(name="Model-A")
+    group = DeviceGroupFactory(name="group-a")
+    device = DeviceFactory(client_id="device-perm", model=model)
+    device.groups.add(group)
+    unused = DeviceModelFactory(name="Model-unused")
+    job = ImportJob.objects.create(filename="old.csv", content="client_id\n")
+    event = audit_record(actor="setup", action="setup.seed")
+    return {"model": model.pk, "unused_model": unused.pk, "group": group.pk, "job": job.pk, "event": event.pk}
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=[e[0] for e in ENDPOINTS])
+def test_endpoint_for_role(endpoint, role, inventory):
+    name, method, url, body, fmt, _allowed, success, audited_action = endpoint
+    user = None if role == "anonymous" else make_user(None if role == "norole" else role, f"{role}-person")
+    ctx = {**inventory, "username": user.username if user else None}
+    client = APIClient()
+    if user is not None and name == "docs":
+        client.force_login(user)  # a page for people: a browser session
+    elif user is not None and name != "token":
+        # Automation's way in: a real token through TokenAuthentication.
+        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    request_id = f"perm-{uuid.uuid4().hex[:12]}"
+    kwargs = {"HTTP_X_REQUEST_ID": request_id}
+    if body is not None:
+        data = body(ctx)
+        if fmt == "csv":
+            kwargs.update(data=data.encode(), content_type="text/csv")
+        else:
+            kwargs.update(data=data, format=fmt)
+    events_before = AuditEvent.objects.count()
+    snapshot_before = _state()
+
+    response = getattr(client, method)(url(ctx), **kwargs)
+
+    expected = EXPECTED[(name, role)]
+    assert response.status_code == expected, (name, role, response.content[:300])
+    assert response["X-Request-ID"] == request_id
+    if expected == 302:
+        assert response["Location"].startswith("/accounts/login/?next=")
+    elif expected >= 400:
+        message = response.content.decode()
+        assert any(
+            text in message
+            for text in (
+                "Authentication credentials were not provided",
+                "Your role does not allow this",
+                "Unable to log in with the given username and password",
+            )
+        ), message
+        assert _state() == snapshot_before, "a refused call changed something"
+        assert AuditEvent.objects.count() == events_before
+    elif audited_action:
+        event = AuditEvent.objects.get(request_id=request_id)
+        assert event.action == audited_action
+        assert event.actor == user
+        assert event.actor_label == user.username
+        assert event.source_address == "127.0.0.1"
+        if name not in OUTSIDE_THE_INVENTORY:
+            assert _state() != snapshot_before
+    else:
+        assert AuditEvent.objects.count() == events_before, "a read wrote to the audit log"
+        assert _state() == snapshot_before
+
+
+def _state():
+    return (
+        sorted(Device.objects.values_list("client_id", "name")),
+        sorted(DeviceModel.objects.values_list("name", "manufacturer", "latest_firmware")),
+        sorted(DeviceGroup.objects.values_list("name", "description")),
+        ImportJob.objects.count(),
+    )
+
+
+def test_unknown_api_address_is_a_json_404(client):
+    response = client.get("/api/v1/no-such-thing/")
+    assert response.status_code == 404
+    assert "no API endpoint at this address" in response.json()["detail"]
+    response = client.get("/api/v1/devices")
+    assert response.status_code == 404
+    assert response.json()["detail"] == "API addresses end with a slash: /api/v1/devices/"
+
+
+def test_table_has_every_role_for_every_endpoint():
+    assert len(EXPECTED) == len(ENDPOINTS) * len(ROLES)
+    assert EXPECTED[("audit-list", "operator")] == 403
+    assert EXPECTED[("device-delete", "support")] == 403
+    assert EXPECTED[("device-import", "auditor")] == 403
+    assert EXPECTED[("import-list", "support")] == 403
+    assert EXPECTED[("device-list", "norole")] == 403
+
+
+def _api_routes(resolver=None, prefix=""):
+    resolver = resolver or get_resolver()
+    for entry in resolver.url_patterns:
+        pattern = prefix + str(entry.pattern)
+        if isinstance(entry, URLResolver):
+            yield from _api_routes(entry, pattern)
+        elif isinstance(entry, URLPattern) and pattern.startswith("api/v1/") and entry.name != "api-not-found":
+            yield pattern
+
+
+def _normalise(route: str) -> str:
+    route = re.sub(r"\(\?P<[^>]+>[^)]*\)", "{}", route)
+    route = re.sub(r"<[^>]+>", "{}", route)
+    return "/" + route.replace("^", "").replace("$", "")
+
+
+def test_every_api_route_is_in_the_table():
+    ctx = {"model": 1, "unused_model": 1, "group": 1, "job": 1, "event": 1, "username": "x"}
+    covered = {re.sub(r"/(device-perm|\d+)/", "/{}/", url(ctx)) for _n, _m, url, *_ in ENDPOINTS}
+    routes = {_normalise(r) for r in _api_routes()}
+    assert routes - covered == set(), "API routes without a row in ENDPOINTS"
