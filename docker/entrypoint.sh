@@ -1,0 +1,40 @@
+#!/bin/sh
+# The one entrypoint of the Fleetkeeper image; the first argument names the role of the container.
+#   migrate  apply database migrations, then exit (docker-compose's one-shot `migrate` service)
+#   web      collect static files into the shared volume, then gunicorn on 0.0.0.0:8000
+#   worker   the Celery worker (tasks, broker policy applies, the MQTT consumer)
+#   beat     Celery beat with the schedules stored in the database (django-celery-beat)
+#   broker   Mosquitto, with its config, password and ACL files rendered by the console (manage.py run_broker)
+# Anything else is run as given, e.g. `docker compose run --rm web python manage.py bootstrap_admin`.
+set -eu
+
+case "${1:-web}" in
+    migrate)
+        exec python manage.py migrate --noinput
+        ;;
+    web)
+        shift || true
+        python manage.py collectstatic --noinput --verbosity 0
+        exec gunicorn fleet.wsgi:application \
+            --bind 0.0.0.0:8000 \
+            --workers "${WEB_CONCURRENCY:-3}" \
+            --forwarded-allow-ips "${FORWARDED_ALLOW_IPS:-*}" \
+            --access-logfile - \
+            "$@"
+        ;;
+    worker)
+        shift || true
+        exec celery -A fleet worker --loglevel "${CELERY_LOG_LEVEL:-info}" "$@"
+        ;;
+    beat)
+        shift || true
+        exec celery -A fleet beat --loglevel "${CELERY_LOG_LEVEL:-info}" --scheduler django "$@"
+        ;;
+    broker)
+        shift || true
+        exec python manage.py run_broker "$@"
+        ;;
+    *)
+        exec "$@"
+        ;;
+esac

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# `make run`: prepare the database, the first user and a demo fleet, then start the whole stack under
+# honcho (Procfile). Called by the Makefile after it has installed the system packages, the venv and the
+# browser assets. Idempotent: run it as often as you like; Ctrl-C stops everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=.venv/bin/python
+export DJANGO_SETTINGS_MODULE=fleet.settings
+export PYTHONUNBUFFERED=1
+WEB_PORT="${FLEET_WEB_PORT:-8000}"
+export FLEET_WEB_PORT="$WEB_PORT"
+
+port_in_use() {
+    "$PY" - "$1" "$2" <<'PYEOF'
+import socket, sys
+with socket.socket() as s:
+    s.settimeout(0.5)
+    sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)
+PYEOF
+}
+
+if port_in_use 127.0.0.1 "$WEB_PORT"; then
+    echo "Something already listens on 127.0.0.1:$WEB_PORT (is \`make run\` already running in another terminal?)." >&2
+    echo "Stop it first, or start this one on another port: FLEET_WEB_PORT=8001 make run" >&2
+    exit 1
+fi
+
+echo "==> Migrating the database"
+"$PY" manage.py migrate --noinput -v 0
+echo "==> Console user"
+admin_output="$("$PY" manage.py bootstrap_admin)"
+if grep -qE '^\s*password: ' <<<"$admin_output"; then
+    echo "$(head -n 1 <<<"$admin_output") The password is in the banner below."
+else
+    echo "$admin_output"
+fi
+echo "==> Demo fleet"
+"$PY" manage.py seed_demo
+
+# What the settings say (they read the environment and .env): where Redis is expected, where var/ is.
+eval "$("$PY" - <<'PYEOF'
+import shlex
+from urllib.parse import urlparse
+
+import django
+
+django.setup()
+from django.conf import settings
+
+url = urlparse(settings.REDIS_URL)
+print(f"REDIS_URL={shlex.quote(settings.REDIS_URL)}")
+print(f"REDIS_HOST={shlex.quote(url.hostname or '127.0.0.1')}")
+print(f"REDIS_PORT={url.port or 6379}")
+print(f"VAR_DIR={shlex.quote(str(settings.VAR_DIR))}")
+print(f"MQTT_HOST={shlex.quote(settings.MQTT_HOST)}")
+print(f"MQTT_PORT={settings.MQTT_PORT}")
+print(f"MQTT_TLS_PORT={settings.MQTT_TLS_PORT}")
+print(f"MQTT_BROKER_DIR={shlex.quote(str(settings.MQTT_BROKER_DIR))}")
+PYEOF
+)"
+
+processes=(web worker beat)
+if "$PY" -c "import redis, sys; redis.Redis.from_url(sys.argv[1], socket_timeout=1).ping()" "$REDIS_URL" 2>/dev/null; then
+    redis_note="Redis:    already running at $REDIS_URL (not started by make run)"
+elif [ "$REDIS_HOST" = "127.0.0.1" ] || [ "$REDIS_HOST" = "localhost" ]; then
+    if port_in_use 127.0.0.1 "$REDIS_PORT"; then
+        echo "127.0.0.1:$REDIS_PORT is taken by something that does not answer as Redis ($REDIS_URL)." >&2
+        echo "Free the port, or point REDIS_URL at a working Redis (see .env.example)." >&2
+        exit 1
+    fi
+    export FLEET_REDIS_DIR="$VAR_DIR/redis"
+    mkdir -p "$FLEET_REDIS_DIR"
+    export FLEET_REDIS_PORT="$REDIS_PORT"
+    processes=(redis "${processes[@]}")
+    redis_note="Redis:    127.0.0.1:$REDIS_PORT (started here, data dir $FLEET_REDIS_DIR)"
+else
+    echo "No Redis answers at $REDIS_URL, and it is not a local address this script can start Redis on." >&2
+    echo "Start that Redis, or unset REDIS_URL to use the local one (127.0.0.1:16379)." >&2
+    exit 1
+fi
+
+if "$PY" manage.py help run_broker >/dev/null 2>&1; then
+    processes+=(broker)
+    broker_note="Mosquitto: $MQTT_HOST:$MQTT_PORT (MQTT; TLS port $MQTT_TLS_PORT when enabled), files in $MQTT_BROKER_DIR/"
+else
+    broker_note="Mosquitto: NOT started: this checkout has no \`manage.py run_broker\` command yet."
+fi
+
+if password_line="$(grep -E '^\s*password: ' <<<"$admin_output")"; then
+    login_note="log in as admin with ${password_line#*password: }  (shown only this once: write it down)"
+else
+    login_note="log in as admin with the password printed by the first \`make run\`
+           (forgot it? .venv/bin/python manage.py changepassword admin)"
+fi
+
+cat <<BANNER
+
+============================================================================================
+ Fleetkeeper is starting.
+   Open:   http://127.0.0.1:$WEB_PORT/
+   Login:  $login_note
+   $redis_note
+   $broker_note
+   Celery: worker and beat (schedules in the database)
+ Press Ctrl-C to stop everything.
+============================================================================================
+
+BANNER
+
+exec .venv/bin/honcho start -f Procfile -d . "${processes[@]}"
