@@ -140,3 +140,15 @@ def test_roles_that_may_not_read_the_audit_log(operator, support):
         assert response.status_code == 403
         assert response.json()["detail"] == "Your role does not allow this."
     assert APIClient().get(AUDIT).status_code == 401
+
+
+def test_out_of_range_time_zone_offset_is_a_400_not_a_database_error(auditor):
+    """PostgreSQL refuses offsets beyond +-15:59 with a DataError; the filter must refuse first."""
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(auditor)
+    response = client.get("/api/v1/audit-log/", {"since": "0055-11-10T06:02:29-22:56"})
+    assert response.status_code == 400
+    assert "offset" in str(response.json()["since"])
+    assert client.get("/api/v1/audit-log/", {"since": "2026-11-10T06:02:29+05:30"}).status_code == 200
