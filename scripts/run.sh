@@ -80,11 +80,15 @@ else
     exit 1
 fi
 
-if "$PY" manage.py help run_broker >/dev/null 2>&1; then
-    processes+=(broker)
-    broker_note="Mosquitto: $MQTT_HOST:$MQTT_PORT (MQTT; TLS port $MQTT_TLS_PORT when enabled), files in $MQTT_BROKER_DIR/"
+processes+=(broker)
+broker_note="Mosquitto: $MQTT_HOST:$MQTT_PORT (MQTT; TLS port $MQTT_TLS_PORT when enabled), files in $MQTT_BROKER_DIR/"
+
+# The simulated fleet (design.md: on by default in make run). FLEET_SIMULATOR=0 leaves it out.
+if [ "${FLEET_SIMULATOR:-1}" != "0" ]; then
+    processes+=(simulator)
+    simulator_note="Simulator: ${FLEET_SIMULATE_DEVICES:-50} devices (${FLEET_SIMULATE_HOSTILE:-3} hostile) re-issued demo secrets; FLEET_SIMULATOR=0 to leave it out"
 else
-    broker_note="Mosquitto: NOT started: this checkout has no \`manage.py run_broker\` command yet."
+    simulator_note="Simulator: off (FLEET_SIMULATOR=0)"
 fi
 
 if password_line="$(grep -E '^\s*password: ' <<<"$admin_output")"; then
@@ -102,6 +106,7 @@ cat <<BANNER
    Login:  $login_note
    $redis_note
    $broker_note
+   $simulator_note
    Celery: worker and beat (schedules in the database)
  Press Ctrl-C to stop everything.
 ============================================================================================
