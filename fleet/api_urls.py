@@ -56,5 +56,5 @@ urlpatterns = [
     path("", include("devices.api.urls")),
     path("", include("security.api.urls")),
     # Keep last.
-    re_path(r"^(?P<unmatched>.*)$", api_not_found, name="api-not-found"),
+    re_path(r"^(?P<unmatched>[\s\S]*)\Z", api_not_found, name="api-not-found"),
 ]

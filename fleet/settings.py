@@ -132,6 +132,9 @@ SECURE_PROXY_SSL_HEADER = (
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
+# Behind a reverse proxy that sets X-Forwarded-For (docker-compose's Caddy), the audit log records the client's
+# address from it; never turn this on when clients can reach the web server directly (they could forge it).
+AUDIT_TRUST_X_FORWARDED_FOR = env.bool("AUDIT_TRUST_X_FORWARDED_FOR", default=False)
 
 # --- Redis and Celery
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:16379/0")
@@ -163,6 +166,39 @@ MQTT_TOPIC_RX_PREFIX = env.str("MQTT_TOPIC_RX_PREFIX", default="rx")
 MQTT_TOPIC_TX_PREFIX = env.str("MQTT_TOPIC_TX_PREFIX", default="tx")
 MQTT_MAX_PACKET_SIZE = env.int("MQTT_MAX_PACKET_SIZE", default=64 * 1024)
 MQTT_BROKER_DIR = Path(env.str("MQTT_BROKER_DIR", default=str(VAR_DIR / "mosquitto")))
+# Which adapter enforces the policy (design.md, "Broker adapters"); MosquittoFiles renders the files and reloads.
+MQTT_BROKER_ADAPTER = env.str("MQTT_BROKER_ADAPTER", default="security.brokers.files.MosquittoFiles")
+# The user Mosquitto runs as. Started as root it would switch to `mosquitto` unless told otherwise; the default is
+# the user that renders the files (so the broker can read them and write its pid/persistence), see docs/broker.md.
+MQTT_BROKER_RUN_AS = env.str("MQTT_BROKER_RUN_AS", default="")
+MQTT_BROKER_BINARY = env.str("MQTT_BROKER_BINARY", default="mosquitto")
+# PBKDF2-SHA512 iterations of broker password lines. 1 is deliberate for 256-bit random secrets: the broker pays the
+# cost on every connect and every re-authentication at reload (docs/broker.md has the measurements and the reasoning).
+MQTT_PASSWORD_ITERATIONS = env.int("MQTT_PASSWORD_ITERATIONS", default=1)
+MQTT_OPERATOR_SECRET_MIN_LENGTH = env.int("MQTT_OPERATOR_SECRET_MIN_LENGTH", default=32)
+MQTT_MAX_KEEPALIVE = env.int("MQTT_MAX_KEEPALIVE", default=300)
+MQTT_MAX_CONNECTIONS = env.int("MQTT_MAX_CONNECTIONS", default=-1)
+# Per-client queue. Mosquitto also drops QoS 0 messages to a slow online subscriber past this limit, so it must be
+# far above the consumer's burst (about 1-2 s of telemetry at full rate), not the default 1000.
+MQTT_MAX_QUEUED_MESSAGES = env.int("MQTT_MAX_QUEUED_MESSAGES", default=100_000)
+MQTT_MAX_QUEUED_BYTES = env.int("MQTT_MAX_QUEUED_BYTES", default=256 * 1024 * 1024)
+MQTT_MAX_INFLIGHT_MESSAGES = env.int("MQTT_MAX_INFLIGHT_MESSAGES", default=100)
+# Enforcement changes within this window become one render and one reload.
+MQTT_APPLY_COALESCE_MS = env.int("MQTT_APPLY_COALESCE_MS", default=50)
+MQTT_APPLY_MAX_RETRIES = env.int("MQTT_APPLY_MAX_RETRIES", default=8)
+MQTT_PROBE_TIMEOUT = env.float("MQTT_PROBE_TIMEOUT", default=3.0)
+MQTT_RECONCILE_SECONDS = env.int("MQTT_RECONCILE_SECONDS", default=60)
+# The console's own broker identities: named outside the device prefix; secrets from the environment in production.
+MQTT_CONSUMER_USERNAME = env.str("MQTT_CONSUMER_USERNAME", default="fleetkeeper-consumer")
+MQTT_MONITOR_USERNAME = env.str("MQTT_MONITOR_USERNAME", default="fleetkeeper-monitor")
+MQTT_PROBE_USERNAME = env.str("MQTT_PROBE_USERNAME", default="fleetkeeper-probe")
+MQTT_CONSUMER_PASSWORD = env.str("MQTT_CONSUMER_PASSWORD", default="") or dev_secret("MQTT_CONSUMER_PASSWORD")
+MQTT_MONITOR_PASSWORD = env.str("MQTT_MONITOR_PASSWORD", default="") or dev_secret("MQTT_MONITOR_PASSWORD")
+MQTT_PROBE_PASSWORD = env.str("MQTT_PROBE_PASSWORD", default="") or dev_secret("MQTT_PROBE_PASSWORD")
+MQTT_SHARED_SUBSCRIPTION_GROUP = env.str("MQTT_SHARED_SUBSCRIPTION_GROUP", default="fleetkeeper")
+# use_username_as_clientid binds a username to one session: each consumer replica has its own username
+# (fleetkeeper-consumer, fleetkeeper-consumer-2, ...) sharing MQTT_CONSUMER_PASSWORD.
+MQTT_CONSUMER_REPLICAS = env.int("MQTT_CONSUMER_REPLICAS", default=1)
 
 # --- REST API
 REST_FRAMEWORK = {
@@ -174,7 +210,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "fleet.api.Pagination",
     "PAGE_SIZE": FLEET_PAGE_SIZE,
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "fleet.schema.AutoSchema",
     "EXCEPTION_HANDLER": "fleet.api.exception_handler",
     "DEFAULT_THROTTLE_RATES": {"token": env.str("API_TOKEN_THROTTLE", default="20/min")},
 }

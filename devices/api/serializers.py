@@ -9,6 +9,7 @@ from rest_framework import serializers
 from devices.models import Device, DeviceGroup, DeviceModel, ImportJob
 from devices.services import CSV_COLUMNS
 from devices.validators import client_id_rule, validate_client_id, validate_mac
+from fleet.api import StrictModelSerializer
 
 # What devices.validators.normalize_mac accepts: six hex pairs, any of ':', '-', '.', spaces between.
 # (Blank is allowed separately: the field has allow_blank.)
@@ -36,7 +37,7 @@ class NamedRelatedField(serializers.SlugRelatedField):
         return super().to_internal_value(data)
 
 
-class DeviceSerializer(serializers.ModelSerializer):
+class DeviceSerializer(StrictModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="api-device-detail", lookup_field="client_id")
     model = NamedRelatedField(
         kind="model",
@@ -118,7 +119,7 @@ class DeviceSerializer(serializers.ModelSerializer):
         return attrs
 
 
-class DeviceModelSerializer(serializers.ModelSerializer):
+class DeviceModelSerializer(StrictModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="api-devicemodel-detail")
     device_count = serializers.SerializerMethodField(help_text="Devices of this model.")
 
@@ -142,7 +143,7 @@ class DeviceModelSerializer(serializers.ModelSerializer):
         return count if count is not None else obj.devices.count()
 
 
-class DeviceGroupSerializer(serializers.ModelSerializer):
+class DeviceGroupSerializer(StrictModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="api-devicegroup-detail")
     device_count = serializers.SerializerMethodField(help_text="Devices in this group.")
 
@@ -161,7 +162,7 @@ class ImportErrorSerializer(serializers.Serializer):
     reason = serializers.CharField()
 
 
-class ImportJobSerializer(serializers.ModelSerializer):
+class ImportJobSerializer(StrictModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="api-importjob-detail")
     errors = ImportErrorSerializer(many=True, read_only=True, help_text="Every rejected row with its reason.")
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)

@@ -17,7 +17,6 @@ from devices import selectors, services
 from devices.filtersets import DeviceFilterSet
 from devices.models import Device, DeviceGroup, DeviceModel, ImportJob
 from devices.validators import is_valid_client_id
-from fleet.api import AutoSchema
 
 from .serializers import (
     DeviceGroupSerializer,
@@ -82,7 +81,6 @@ def _decode_csv(raw: bytes, field: str) -> str:
 class DeviceViewSet(viewsets.ModelViewSet):
     # The class-level queryset names the model for the permission gate and the schema; rows come from
     # the selector, which owns the joins.
-    schema = AutoSchema()
     queryset = Device.objects.all()
     serializer_class = DeviceSerializer
     filterset_class = DeviceFilterSet
@@ -168,7 +166,6 @@ class DeviceViewSet(viewsets.ModelViewSet):
     retrieve=extend_schema(summary="One CSV import job: state, progress and rejected rows"),
 )
 class ImportJobViewSet(viewsets.ReadOnlyModelViewSet):
-    schema = AutoSchema()
     queryset = ImportJob.objects.all()
     serializer_class = ImportJobSerializer
     lookup_value_regex = "[0-9]+"
@@ -180,7 +177,6 @@ class ImportJobViewSet(viewsets.ReadOnlyModelViewSet):
 class _CatalogViewSet(viewsets.ModelViewSet):
     """Device models and groups: plain records, saved and deleted through devices.services."""
 
-    schema = AutoSchema()
     lookup_value_regex = "[0-9]+"
     filterset_fields = ["name"]
 

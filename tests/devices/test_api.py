@@ -189,6 +189,8 @@ def test_malformed_json_is_400(api):
         ({"client_id": "device-1", "groups": [1, 2]}, "groups"),
         ({"client_id": "device-1", "model": {"name": "x"}}, "model"),
         ({"client_id": "device-1", "name": ["x"]}, "name"),
+        ({"client_id": "device-1", "name": 7}, "name"),  # the schema says string: no silent coercion
+        ({"client_id": "device-1", "firmware_version": 1.5}, "firmware_version"),
         ({"client_id": "device-1", "name": "x" * 201}, "name"),
     ],
 )
@@ -524,3 +526,9 @@ def test_import_is_run_to_completion_by_a_real_worker(transactional_db, celery_w
     assert "does not follow the fleet rule" in body["errors"][0]["reason"]
     assert "not a MAC address" in body["errors"][1]["reason"]
     assert not Device.objects.filter(client_id="device-w3").exists()
+
+
+def test_unknown_api_address_with_a_newline_is_a_json_404(api):
+    response = api.get("/api/v1/groups/%0Aabc/")
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"

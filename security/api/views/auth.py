@@ -9,7 +9,6 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 
-from fleet.api import AutoSchema
 from security.audit import audit_record
 
 
@@ -44,7 +43,6 @@ def token_issue(*, user) -> Token:
 class TokenView(ObtainAuthToken):
     # Anyone may try to log in; the throttle (scope "token") slows down password guessing. No session
     # authentication here, so the endpoint needs no CSRF token.
-    schema = AutoSchema()
     permission_classes = [AllowAny]
     authentication_classes = []
     throttle_classes = [ScopedRateThrottle]
