@@ -68,3 +68,56 @@ def auditor(db):
 def operator_client(client, operator):
     client.force_login(operator)
     return client
+
+
+# --- broker enforcement: a real Mosquitto with the project's rendered config ---------------------------------
+# The session gets its own broker port and directory (inherited by a Celery worker through the environment);
+# each test that asks for `mosquitto` gets a fresh broker there, started from the files the project renders.
+
+import os  # noqa: E402
+import shutil as _shutil  # noqa: E402
+
+from tests.support.broker import MosquittoServer  # noqa: E402
+from tests.support.servers import free_port  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mqtt_test_settings(tmp_path_factory):
+    from django.test.utils import override_settings
+
+    port, tls_port = free_port(), free_port()
+    broker_dir = tmp_path_factory.mktemp("mosquitto")
+    os.environ.update(MQTT_PORT=str(port), MQTT_TLS_PORT=str(tls_port), MQTT_BROKER_DIR=str(broker_dir))
+    override = override_settings(MQTT_PORT=port, MQTT_TLS_PORT=tls_port, MQTT_BROKER_DIR=broker_dir)
+    override.enable()
+    yield {"port": port, "dir": broker_dir}
+    override.disable()
+
+
+@pytest.fixture
+def render_broker_files(db):
+    """Write the project's rendered policy where the broker reads it; returns the RenderedPolicy."""
+    from security.brokers import get_adapter
+    from security.services import policy_desired
+
+    def render():
+        policy = policy_desired()
+        get_adapter().write(policy)
+        return policy
+
+    return render
+
+
+@pytest.fixture
+def mosquitto(mqtt_test_settings, render_broker_files):
+    """A fresh Mosquitto on the session's broker port, started with the rendered config; stopped afterwards."""
+    broker_dir = mqtt_test_settings["dir"]
+    render_broker_files()
+    server = MosquittoServer(broker_dir, mqtt_test_settings["port"]).start()
+    yield server
+    server.stop()
+    for child in broker_dir.iterdir():
+        if child.is_dir():
+            _shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)

@@ -1,0 +1,88 @@
+"""`python -m bench`: runs the benchmarks in a throwaway environment (own var dir, SQLite database, broker port)
+and prints each figure against its baseline. Options: --quick (smaller fleets), --compare-iterations N."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import sys
+import tempfile
+import time
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="10x smaller fleets (a smoke run, not the targets)")
+    parser.add_argument("--devices", type=int, default=100_000)
+    parser.add_argument("--stall-fleet", type=int, default=10_000)
+    parser.add_argument("--connected", type=int, default=2_000)
+    parser.add_argument("--reconnect-fleet", type=int, default=10_000)
+    parser.add_argument(
+        "--compare-iterations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also reconnect N devices hashed with 101 iterations (mosquitto_passwd's default)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.devices, args.stall_fleet, args.connected, args.reconnect_fleet = 10_000, 1_000, 200, 1_000
+
+    # Thousands of sockets in this process and in the broker it starts.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max(args.connected, args.reconnect_fleet) + 1000
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(needed, soft)), hard))
+
+    workdir = tempfile.mkdtemp(prefix="fleetkeeper-bench-")
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "fleet.settings",
+            "FLEET_ENV": "dev",
+            "FLEET_VAR_DIR": workdir,
+            "DATABASE_URL": f"sqlite:///{workdir}/bench.sqlite3",
+            "MQTT_PORT": str(_free_port()),
+            "MQTT_TLS_PORT": str(_free_port()),
+            "MQTT_BROKER_DIR": f"{workdir}/mosquitto",
+            "LOG_LEVEL": "WARNING",
+        }
+    )
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    started = time.monotonic()
+    call_command("migrate", verbosity=0)
+    print(f"Fleetkeeper benchmarks in {workdir} (database ready in {time.monotonic() - started:.1f} s)", flush=True)
+
+    from . import broker
+
+    results = broker.run(
+        devices=args.devices,
+        stall_fleet=args.stall_fleet,
+        connected=args.connected,
+        reconnect_fleet=args.reconnect_fleet,
+        compare_iterations=args.compare_iterations,
+    )
+    print("\nSummary")
+    failed = [r for r in results if r["verdict"] == "FAIL"]
+    for r in results:
+        print(f"  {r['verdict'] or '    '} {r['name']}: {r['value']:.3f} {r['unit']}")
+    if not os.environ.get("FLEET_BENCH_KEEP"):
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed and not args.quick else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

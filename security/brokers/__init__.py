@@ -1,0 +1,64 @@
+"""Broker adapters: the interface (base), the default MosquittoFiles adapter (files) and the pure rendering
+(render). ``get_adapter()`` builds the adapter named in settings.MQTT_BROKER_ADAPTER."""
+
+from __future__ import annotations
+
+import getpass
+import os
+
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+from .base import BrokerAdapter, BrokerError, BrokerRejected, BrokerUnavailable  # noqa: F401
+from .render import CONSUMER, MONITOR, PROBE, BrokerConfig, ConsoleIdentity
+
+
+def broker_run_as() -> str:
+    """The user Mosquitto runs as: settings.MQTT_BROKER_RUN_AS, else whoever renders the files. Started as root
+    without a `user` line Mosquitto would switch to `mosquitto`, which could not read files owned by root."""
+    if settings.MQTT_BROKER_RUN_AS:
+        return settings.MQTT_BROKER_RUN_AS
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry for the uid (some containers)
+        return "root" if os.geteuid() == 0 else ""
+
+
+def broker_config() -> BrokerConfig:
+    return BrokerConfig(
+        broker_dir=str(settings.MQTT_BROKER_DIR),
+        host=settings.MQTT_HOST,
+        port=settings.MQTT_PORT,
+        tls_port=settings.MQTT_TLS_PORT,
+        rx_prefix=settings.MQTT_TOPIC_RX_PREFIX,
+        tx_prefix=settings.MQTT_TOPIC_TX_PREFIX,
+        max_packet_size=settings.MQTT_MAX_PACKET_SIZE,
+        max_keepalive=settings.MQTT_MAX_KEEPALIVE,
+        max_connections=settings.MQTT_MAX_CONNECTIONS,
+        max_queued_messages=settings.MQTT_MAX_QUEUED_MESSAGES,
+        max_queued_bytes=settings.MQTT_MAX_QUEUED_BYTES,
+        max_inflight_messages=settings.MQTT_MAX_INFLIGHT_MESSAGES,
+        iterations=settings.MQTT_PASSWORD_ITERATIONS,
+        run_as=broker_run_as(),
+        shared_group=settings.MQTT_SHARED_SUBSCRIPTION_GROUP,
+    )
+
+
+def consumer_usernames() -> list[str]:
+    """One username per consumer replica: use_username_as_clientid makes a username one session."""
+    base = settings.MQTT_CONSUMER_USERNAME
+    return [base] + [f"{base}-{n}" for n in range(2, settings.MQTT_CONSUMER_REPLICAS + 1)]
+
+
+def console_identities() -> list[ConsoleIdentity]:
+    identities = [ConsoleIdentity(name, CONSUMER, settings.MQTT_CONSUMER_PASSWORD) for name in consumer_usernames()]
+    identities.append(ConsoleIdentity(settings.MQTT_MONITOR_USERNAME, MONITOR, settings.MQTT_MONITOR_PASSWORD))
+    identities.append(ConsoleIdentity(settings.MQTT_PROBE_USERNAME, PROBE, settings.MQTT_PROBE_PASSWORD))
+    return identities
+
+
+def get_adapter() -> BrokerAdapter:
+    adapter_class = import_string(settings.MQTT_BROKER_ADAPTER)
+    return adapter_class(
+        broker_config(), probe_username=settings.MQTT_PROBE_USERNAME, probe_timeout=settings.MQTT_PROBE_TIMEOUT
+    )

@@ -1,0 +1,464 @@
+"""Pure functions: the desired broker policy and the three files Mosquitto loads (config, password file, ACL).
+
+Nothing here touches the database, the disk or a process, so the rules can be unit-tested and the same
+rendering serves the adapter, the policy page and the benchmark. See docs/broker.md for why each line is there
+(and mosquitto-notes.md for the measured broker behaviour behind it).
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from security import topics
+
+# Mosquitto 2.x password line: username:$7$<iterations>$<b64 12-byte salt>$<b64 64-byte PBKDF2-HMAC-SHA512>.
+SALT_BYTES = 12
+HASH_BYTES = 64
+_B64 = r"[A-Za-z0-9+/]+={0,2}"
+PASSWORD_HASH_RE = re.compile(rf"^\$7\$(?P<iterations>[1-9][0-9]{{0,8}})\$(?P<salt>{_B64})\$(?P<hash>{_B64})$")
+# A username that may appear in the password file: no separator, no wildcard, no '$', no whitespace.
+USERNAME_RE = re.compile(r"^[^:#+/$\s\x00]{1,128}$")
+
+ACTIVE, QUARANTINED = "active", "quarantined"
+ENFORCED_STATUSES = (ACTIVE, QUARANTINED)  # revoked and decommissioned devices have no line at all
+
+CONSUMER, MONITOR, PROBE = "consumer", "monitor", "probe"
+
+
+class PolicyError(ValueError):
+    """Rendered content failed validation: it must never reach the broker."""
+
+
+# --- hashes ---------------------------------------------------------------------------------------------
+
+
+def hash_secret(secret: str, *, iterations: int, salt: bytes | None = None) -> str:
+    """Mosquitto's PBKDF2-SHA512 form of ``secret``: what the console stores and the broker checks."""
+    if iterations < 1:
+        raise ValueError("iterations must be at least 1")
+    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
+    if len(salt) != SALT_BYTES:
+        raise ValueError(f"Mosquitto requires a {SALT_BYTES}-byte salt")
+    digest = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, iterations, HASH_BYTES)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def parse_hash(stored: str) -> tuple[int, bytes, bytes]:
+    match = PASSWORD_HASH_RE.match(stored)
+    if not match:
+        raise PolicyError("not a Mosquitto $7$ password hash")
+    try:
+        salt = base64.b64decode(match["salt"], validate=True)
+        digest = base64.b64decode(match["hash"], validate=True)
+    except ValueError as exc:
+        raise PolicyError("bad base64 in a password hash") from exc
+    if len(salt) != SALT_BYTES or len(digest) != HASH_BYTES:
+        raise PolicyError(f"a password hash needs a {SALT_BYTES}-byte salt and a {HASH_BYTES}-byte digest")
+    return int(match["iterations"]), salt, digest
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    iterations, salt, digest = parse_hash(stored)
+    candidate = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, iterations, HASH_BYTES)
+    return hmac.compare_digest(candidate, digest)
+
+
+def _stable_salt(username: str, secret: str) -> bytes:
+    """Console identities are rendered from their secret on every run: a salt derived from both keeps the
+    rendered line (and so the policy digest) stable; the secrets are random, so nothing is precomputable."""
+    return hmac.new(secret.encode(), b"fleetkeeper-broker-salt:" + username.encode(), hashlib.sha256).digest()[
+        :SALT_BYTES
+    ]
+
+
+# --- the desired policy -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConsoleIdentity:
+    """One of the console's own broker accounts (never a device)."""
+
+    username: str
+    role: str  # CONSUMER, MONITOR or PROBE
+    secret: str
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything from settings that shapes the rendered files (so rendering stays a pure function)."""
+
+    broker_dir: str
+    host: str
+    port: int
+    tls_port: int
+    rx_prefix: str
+    tx_prefix: str
+    max_packet_size: int
+    max_keepalive: int
+    max_connections: int
+    max_queued_messages: int
+    max_queued_bytes: int
+    max_inflight_messages: int
+    iterations: int
+    run_as: str = ""
+    shared_group: str = "fleetkeeper"
+
+    @property
+    def password_file(self) -> str:
+        return f"{self.broker_dir}/passwd"
+
+    @property
+    def acl_file(self) -> str:
+        return f"{self.broker_dir}/acl"
+
+    @property
+    def config_file(self) -> str:
+        return f"{self.broker_dir}/mosquitto.conf"
+
+    @property
+    def pid_file(self) -> str:
+        return f"{self.broker_dir}/mosquitto.pid"
+
+
+class DeviceRow(NamedTuple):
+    """One device as the policy needs it (a tuple: 100,000 of them are built per render)."""
+
+    client_id: str
+    status: str
+    password_hash: str  # "" when the device has no credential
+
+
+@dataclass(frozen=True)
+class RenderedPolicy:
+    config: str
+    passwd: str
+    acl: str
+    # A digest of the whole policy; also the "generation" the probe's password is derived from.
+    digest: str
+    generation: str
+    probe_password: str
+    device_usernames: tuple[str, ...]
+    quarantined: tuple[str, ...]
+    console_usernames: tuple[str, ...]
+    skipped: tuple[str, ...] = field(default=())
+
+    def files(self) -> dict[str, str]:
+        return {"mosquitto.conf": self.config, "passwd": self.passwd, "acl": self.acl}
+
+
+def device_grants(client_id: str, status: str, *, rx_prefix: str, tx_prefix: str) -> dict[str, list[str]]:
+    """What one device may do on the broker, in words for the policy page: the same rule the ACL encodes."""
+    if status not in ENFORCED_STATUSES:
+        return {"publish": [], "subscribe": []}
+    tx = topics.TX_CHANNELS if status == ACTIVE else topics.REPAIR_TX_CHANNELS
+    rx = topics.RX_CHANNELS if status == ACTIVE else topics.REPAIR_RX_CHANNELS
+    return {
+        "publish": [f"{tx_prefix}/{client_id}/{c}" for c in tx],
+        "subscribe": [f"{rx_prefix}/{client_id}/{c}" for c in rx],
+    }
+
+
+def render_acl(*, cfg: BrokerConfig, console: Iterable[ConsoleIdentity], quarantined: Iterable[str]) -> str:
+    rx, tx = cfg.rx_prefix, cfg.tx_prefix
+    lines = [
+        "# Fleetkeeper broker ACL, rendered from the database. Hand edits are undone by the reconcile job.",
+        "# Deny by default: Mosquitto refuses every topic not granted below. This file is never empty (an empty",
+        "# acl_file means allow-all, CVE-2018-12550), and nothing here grants $SYS or $CONTROL to a device.",
+        "# No `topic` line precedes the first `user` line: anonymous clients get nothing (and are refused anyway).",
+        "",
+        f"# Devices: a fixed, finite set of channels (never {tx}/%u/#), %u = username = client id.",
+    ]
+    lines += [f"pattern write {tx}/%u/{c}" for c in topics.TX_CHANNELS]
+    lines += [f"pattern read {rx}/%u/{c}" for c in topics.RX_CHANNELS]
+    lines += ["", "# The console's own identities. Their names lie outside the device prefix rule."]
+    for identity in console:
+        lines.append(f"user {identity.username}")
+        if identity.role == CONSUMER:
+            lines += [f"topic read {tx}/+/{c}" for c in topics.TX_CHANNELS]
+            lines += [f"topic write {rx}/+/{c}" for c in topics.RX_CHANNELS]
+        elif identity.role == MONITOR:
+            lines.append("topic read $SYS/broker/#")
+        elif identity.role == PROBE:
+            # The least the canary needs beyond the device patterns: write its own command channel, so it can
+            # check that an allowed topic is delivered (and that another identity's channel is not).
+            lines.append(f"topic write {rx}/{identity.username}/{topics.RX_COMMAND}")
+        else:
+            raise PolicyError(f"unknown console identity role {identity.role!r}")
+        lines.append("")
+    quarantined = sorted(quarantined)
+    if quarantined:
+        lines.append("# Quarantined devices: deny exactly the channels they lose (a deny wins over the patterns);")
+        lines.append(
+            "# they keep the repair path: "
+            + ", ".join(
+                [f"{rx}/<id>/{c}" for c in topics.REPAIR_RX_CHANNELS]
+                + [f"{tx}/<id>/{c}" for c in topics.REPAIR_TX_CHANNELS]
+            )
+        )
+    for client_id in quarantined:
+        lines.append(f"user {client_id}")
+        lines += [f"topic deny {tx}/{client_id}/{c}" for c in topics.QUARANTINE_DENIED_TX]
+        lines += [f"topic deny {rx}/{client_id}/{c}" for c in topics.QUARANTINE_DENIED_RX]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_passwd(entries: Iterable[tuple[str, str]]) -> str:
+    """``username:$7$...`` lines, in the given order."""
+    return "".join(f"{username}:{stored}\n" for username, stored in entries)
+
+
+def render_config(cfg: BrokerConfig) -> str:
+    run_as = f"user {cfg.run_as}\n" if cfg.run_as else ""
+    return f"""# Fleetkeeper broker configuration, rendered by the console (manage.py render_broker_config).
+# Do not edit: the reconcile job rewrites it. docs/broker.md explains every choice.
+
+per_listener_settings false
+allow_anonymous false
+# Zero-length client ids would get a broker-made id; every session must name itself.
+allow_zero_length_clientid false
+password_file {cfg.password_file}
+acl_file {cfg.acl_file}
+{run_as}# Mosquitto writes this only when daemonised; run_broker and the test helper write it for the foreground broker.
+pid_file {cfg.pid_file}
+
+# Persistence keeps QoS 1 commands and retained messages for devices across a broker restart.
+persistence true
+persistence_location {cfg.broker_dir}/data/
+autosave_interval 60
+
+# Limits. An oversize packet disconnects its sender (max_packet_size; message_size_limit would drop it silently).
+max_packet_size {cfg.max_packet_size}
+# v5 clients asking for more are told to use this keepalive; a dead session is noticed within 1.5x of it.
+max_keepalive {cfg.max_keepalive}
+max_inflight_messages {cfg.max_inflight_messages}
+# Per-client queue. Mosquitto drops even QoS 0 messages to an online subscriber that falls this far behind,
+# so it is set far above the telemetry consumer's worst burst (1000, the default, loses telemetry under load).
+max_queued_messages {cfg.max_queued_messages}
+max_queued_bytes {cfg.max_queued_bytes}
+set_tcp_nodelay true
+
+# The broker-log monitor (fleetkeeper-monitor) reads connections, refusals and subscriptions from $SYS/broker/log/#.
+log_dest topic
+log_dest stdout
+log_type error
+log_type warning
+log_type notice
+log_type information
+log_type subscribe
+log_type unsubscribe
+connection_messages true
+log_timestamp true
+sys_interval 10
+
+# Plain MQTT listener (settings.MQTT_HOST:MQTT_PORT).
+listener {cfg.port} {cfg.host}
+protocol mqtt
+# The username becomes the client id: a credential is bound to its id, and no device can take over another's session.
+use_username_as_clientid true
+max_connections {cfg.max_connections}
+
+# --- TLS listener (settings.MQTT_TLS_PORT = {cfg.tls_port}): rendered here by the PKI work (issue: X.509 credentials)
+# with cafile, certfile, keyfile, crlfile, require_certificate and use_identity_as_username. Not opened yet.
+"""
+
+
+def policy_render(*, cfg: BrokerConfig, devices: Iterable[DeviceRow], console: list[ConsoleIdentity]) -> RenderedPolicy:
+    """The whole desired policy from the device rows and the console identities.
+
+    The probe's password is derived from the digest of everything else: when the probe can log in with it, the
+    broker has loaded exactly this generation of the files (a SIGHUP is asynchronous; this is how we know)."""
+    console_names = {c.username for c in console}
+    device_entries: list[tuple[str, str]] = []
+    quarantined: list[str] = []
+    skipped: list[str] = []
+    for row in devices:
+        if row.status not in ENFORCED_STATUSES or not row.password_hash:
+            continue
+        if row.client_id in console_names or not USERNAME_RE.match(row.client_id):
+            skipped.append(row.client_id)
+            continue
+        device_entries.append((row.client_id, row.password_hash))
+        if row.status == QUARANTINED:
+            quarantined.append(row.client_id)
+    device_entries.sort()
+    probe = next((c for c in console if c.role == PROBE), None)
+    others = [c for c in console if c.role != PROBE]
+    console_entries = [
+        (c.username, hash_secret(c.secret, iterations=cfg.iterations, salt=_stable_salt(c.username, c.secret)))
+        for c in others
+    ]
+    config = render_config(cfg)
+    acl = render_acl(cfg=cfg, console=console, quarantined=quarantined)
+    base_passwd = render_passwd(console_entries + device_entries)
+    generation = hashlib.sha256("\0".join([config, acl, base_passwd]).encode()).hexdigest()[:24]
+    probe_password = ""
+    passwd = base_passwd
+    if probe is not None:
+        probe_password = probe_generation_password(probe.secret, generation)
+        probe_line = hash_secret(
+            probe_password, iterations=cfg.iterations, salt=_stable_salt(probe.username, probe_password)
+        )
+        passwd = render_passwd([(probe.username, probe_line)]) + base_passwd
+    digest = files_digest(config=config, passwd=passwd, acl=acl)
+    return RenderedPolicy(
+        config=config,
+        passwd=passwd,
+        acl=acl,
+        digest=digest,
+        generation=generation,
+        probe_password=probe_password,
+        device_usernames=tuple(u for u, _ in device_entries),
+        quarantined=tuple(sorted(quarantined)),
+        console_usernames=tuple(sorted(console_names)),
+        skipped=tuple(skipped),
+    )
+
+
+def probe_generation_password(probe_secret: str, generation: str) -> str:
+    return hmac.new(probe_secret.encode(), f"generation:{generation}".encode(), hashlib.sha256).hexdigest()
+
+
+def files_digest(*, config: str, passwd: str, acl: str) -> str:
+    return hashlib.sha256("\0".join([config, acl, passwd]).encode()).hexdigest()
+
+
+# --- validation and comparison ---------------------------------------------------------------------------
+
+
+# A whole password line with exact sizes: base64 of 12 bytes is 16 characters, of 64 bytes 86 plus "==".
+_PASSWD_LINE_RE = re.compile(r"([^:#+/$\s\x00]{1,128}):(\$7\$[1-9][0-9]{0,8}\$[A-Za-z0-9+/]{16}\$[A-Za-z0-9+/]{86}==)")
+
+
+def parse_passwd(text: str) -> dict[str, str]:
+    """username -> stored hash, refusing anything Mosquitto would misread (checked line by line with one exact
+    pattern: fast enough for 100,000 lines on every write)."""
+    users: dict[str, str] = {}
+    fullmatch = _PASSWD_LINE_RE.fullmatch
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line or line.startswith("#"):
+            continue
+        match = fullmatch(line)
+        if match is None:
+            username = line.partition(":")[0]
+            if not USERNAME_RE.match(username):
+                raise PolicyError(f"password file line {number}: bad username")
+            parse_hash(line.partition(":")[2])  # raises with the precise reason
+            raise PolicyError(f"password file line {number}: not a Mosquitto $7$ line")
+        username, stored = match.groups()
+        if username in users:
+            raise PolicyError(f"password file line {number}: duplicate username {username!r}")
+        users[username] = stored
+    return users
+
+
+def parse_passwd_lenient(text: str) -> dict[str, str]:
+    """For reading what is on disk (possibly hand-edited): every ``user:rest`` line, unvalidated."""
+    users: dict[str, str] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and ":" in line:
+            username, _, stored = line.partition(":")
+            users[username] = stored
+    return users
+
+
+_ACL_LINE_RE = re.compile(
+    r"^(?:user \S+|pattern (?:read|write|readwrite|deny) \S+|topic (?:read|write|readwrite|deny) \S+)$"
+)
+
+
+def validate_acl(text: str) -> None:
+    """Deny-by-default and never empty: at least the device patterns, every line well-formed, no grant before
+    the first ``user`` line (it would apply to anonymous clients), nothing on $SYS or $CONTROL for devices."""
+    rules = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not any(line.startswith("pattern ") for line in rules):
+        raise PolicyError("the ACL has no device patterns (an empty ACL file means allow-all)")
+    seen_user = False
+    for line in rules:
+        if not _ACL_LINE_RE.match(line):
+            raise PolicyError(f"malformed ACL line {line!r}")
+        if line.startswith("user "):
+            seen_user = True
+        elif line.startswith("topic ") and not seen_user:
+            raise PolicyError(f"ACL line {line!r} would apply to anonymous clients")
+        elif line.startswith("pattern "):
+            target = line.split(" ", 2)[2]
+            if target.startswith("$") or target.startswith("#") or target.startswith("+") or "%u" not in target:
+                raise PolicyError(f"ACL pattern {line!r} is not confined to the device's own topics")
+            if target.endswith("/#") and line.split(" ")[1] != "deny":
+                raise PolicyError(f"ACL pattern {line!r} grants a whole subtree; grant channels one by one")
+
+
+def validate_config(text: str, cfg: BrokerConfig) -> None:
+    options = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            options.setdefault(key, value)
+    required = {
+        "allow_anonymous": "false",
+        "per_listener_settings": "false",
+        "use_username_as_clientid": "true",
+        "allow_zero_length_clientid": "false",
+        "password_file": cfg.password_file,
+        "acl_file": cfg.acl_file,
+    }
+    for key, value in required.items():
+        if options.get(key) != value:
+            raise PolicyError(f"broker config must say `{key} {value}`")
+
+
+def validate(policy: RenderedPolicy, cfg: BrokerConfig) -> None:
+    """Everything checked before a file is renamed into place."""
+    validate_config(policy.config, cfg)
+    validate_acl(policy.acl)
+    parse_passwd(policy.passwd)
+
+
+def diff_text(name: str, current: str | None, desired: str, *, max_lines: int = 200) -> list[str]:
+    if current == desired:
+        return []
+    lines = list(
+        difflib.unified_diff(
+            (current or "").splitlines(),
+            desired.splitlines(),
+            fromfile=f"{name} (on the broker)",
+            tofile=f"{name} (desired)",
+            lineterm="",
+            n=1,
+        )
+    )
+    if len(lines) > max_lines:
+        lines = lines[:max_lines] + [f"... {len(lines) - max_lines} more lines"]
+    return lines
+
+
+def redact_passwd(text: str) -> str:
+    """The password file as the policy page shows it: usernames and hash parameters, never the hashes."""
+    out = []
+    for line in text.splitlines():
+        username, sep, stored = line.partition(":")
+        if not sep:
+            out.append("(unreadable line)")
+            continue
+        match = PASSWORD_HASH_RE.match(stored)
+        out.append(f"{username}:$7${match['iterations']}$…" if match else f"{username}:(not a $7$ hash)")
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def passwd_drift(current: str | None, desired: str) -> dict[str, list[str]]:
+    """Which usernames differ between the file on disk and the desired one (for drift details and alerts)."""
+    have = parse_passwd_lenient(current or "")
+    want = parse_passwd_lenient(desired)
+    return {
+        "unknown": sorted(set(have) - set(want)),
+        "missing": sorted(set(want) - set(have)),
+        "changed": sorted(u for u in set(have) & set(want) if have[u] != want[u]),
+    }

@@ -1,0 +1,92 @@
+"""Render the broker files and run Mosquitto in the foreground (the Procfile of `make run` uses this).
+
+The command writes its own pid into the pid file and then *execs* Mosquitto, so the pid file names the broker
+(Mosquitto itself writes one only when daemonised). Before the exec, a detached helper process waits until the
+broker listens and triggers a reconcile (through Celery if it is reachable, otherwise inline), so changes made while
+the broker was down are applied and verified by the canary probe."""
+
+import os
+import shutil
+import socket
+import sys
+import time
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from security.brokers import get_adapter
+from security.services import policy_desired
+
+
+def _wait_for_listener(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def _reconcile_when_listening(host: str, port: int) -> None:
+    from django.db import connections
+
+    connections.close_all()  # never share the parent's database connection across fork
+    if not _wait_for_listener(host, port, timeout=60):
+        return
+    try:
+        import redis
+
+        redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_connect_timeout=1).ping()
+        from security.tasks import reconcile_broker
+
+        reconcile_broker.delay(trigger="broker-start")
+    except Exception:  # no Celery broker (so no worker either): do it here
+        from security.audit import audit_context
+        from security.services import broker_reconcile
+
+        with audit_context(service="broker-start"):
+            try:
+                broker_reconcile(trigger="broker-start")
+            except Exception as exc:  # noqa: BLE001 - a helper must never take the broker down
+                sys.stderr.write(f"run_broker: reconcile after start failed: {exc}\n")
+
+
+class Command(BaseCommand):
+    help = "Render the broker files into MQTT_BROKER_DIR and exec Mosquitto in the foreground."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--no-reconcile", action="store_true", help="Do not trigger a reconcile after start.")
+
+    def handle(self, *args, **options):
+        binary = shutil.which(settings.MQTT_BROKER_BINARY) or shutil.which("mosquitto", path="/usr/sbin:/usr/bin")
+        if binary is None:
+            raise CommandError("mosquitto is not installed (Debian: apt-get install mosquitto).")
+        adapter = get_adapter()
+        policy = policy_desired()
+        adapter.write(policy)
+        cfg = adapter.cfg
+        self.stdout.write(
+            f"Broker files in {cfg.broker_dir}: {len(policy.device_usernames)} device(s); "
+            f"listening on {cfg.host}:{cfg.port}; running as {cfg.run_as or 'the current user'}."
+        )
+        with open(cfg.pid_file, "w") as handle:  # noqa: PTH123 - the pid that exec keeps
+            handle.write(f"{os.getpid()}\n")
+        if not options["no_reconcile"]:
+            child = os.fork()
+            if child == 0:  # detach (double fork) so the broker never has to reap the helper
+                if os.fork() == 0:
+                    try:
+                        _reconcile_when_listening(cfg.host, cfg.port)
+                    finally:
+                        os._exit(0)
+                os._exit(0)
+            os.waitpid(child, 0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        argv = [binary, "-c", cfg.config_file]
+        stdbuf = shutil.which("stdbuf")
+        if stdbuf:  # line-buffered logs under a process manager (honcho); stdbuf execs Mosquitto, same pid
+            argv = [stdbuf, "-oL", *argv]
+        os.execv(argv[0], argv)  # noqa: S606 - exec with an argument list, no shell

@@ -1,0 +1,203 @@
+"""A real Mosquitto for tests, started with the configuration the project renders, on a free port; and a small
+synchronous MQTT client (paho-mqtt 2) for asserting what the broker delivers and refuses."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from .servers import stop as stop_process
+from .servers import wait_for_port
+
+
+class MosquittoServer:
+    """Runs ``mosquitto -c <broker_dir>/mosquitto.conf`` in the foreground and writes its pid file (Mosquitto
+    writes one only when daemonised), so the adapter can signal it exactly as in production."""
+
+    def __init__(self, broker_dir: Path | str, port: int):
+        self.dir = Path(broker_dir)
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.dir / "mosquitto.log"
+        self._log = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "mosquitto.conf"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.dir / "mosquitto.pid"
+
+    def start(self, timeout: float = 10.0) -> MosquittoServer:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).exists():
+            raise RuntimeError("mosquitto is not installed: run `make test`, which installs it")
+        if not self.config_path.exists():
+            raise RuntimeError(f"render the broker config into {self.dir} first")
+        self._log = self.log_path.open("a")
+        # Mosquitto's stdout is block-buffered into a file; stdbuf (coreutils) makes it line-buffered so a test
+        # can read the log as it happens. stdbuf execs Mosquitto: the pid stays the broker's.
+        line_buffered = [shutil.which("stdbuf"), "-oL"] if shutil.which("stdbuf") else []
+        self.proc = subprocess.Popen(
+            [*line_buffered, binary, "-c", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.dir,
+        )
+        self.pid_path.write_text(f"{self.proc.pid}\n")
+        wait_for_port(self.port, timeout=timeout, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self) -> MosquittoServer:
+        self.stop()
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, *, timeout: float = 5.0, after: int = 0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log()[after:]:
+                return True
+            time.sleep(0.02)
+        return False
+
+
+class MqttClient:
+    """A paho-mqtt 2 client driven by its own network thread, with bounded waits. MQTT v5 by default, so refusals
+    and disconnects come with reason codes."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        client_id: str,
+        username: str | None = None,
+        password: str | None = None,
+        protocol=mqtt.MQTTv5,
+        host: str = "127.0.0.1",
+    ):
+        self.port, self.host = port, host
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.connect_reason: int | None = None
+        self.disconnect_reason: int | None = None
+        self.suback: list[int] = []
+        self.puback: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._disconnected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+
+    # callbacks (network thread)
+    def _on_connect(self, _c, _u, _flags, reason, _props):
+        self.connect_reason = reason.value
+        (self._connected if reason.value == 0 else self._disconnected).set()
+
+    def _on_disconnect(self, _c, _u, _flags, reason, _props):
+        self.disconnect_reason = reason.value if hasattr(reason, "value") else int(reason)
+        self._disconnected.set()
+
+    def _on_message(self, _c, _u, message):
+        with self._lock:
+            self.messages.append(message)
+
+    def _on_subscribe(self, _c, _u, _mid, reason_codes, _props):
+        self.suback = [rc.value for rc in reason_codes]
+
+    def _on_publish(self, _c, _u, mid, reason, _props):
+        self.puback[mid] = reason.value
+
+    # actions
+    def connect(self, timeout: float = 5.0) -> int:
+        """The CONNACK reason code (0 = accepted); raises if the broker sends nothing."""
+        self.client.connect(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        deadline = time.monotonic() + timeout
+        while self.connect_reason is None and not self._disconnected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self.connect_reason is None:
+            raise TimeoutError("no CONNACK from the broker")
+        return self.connect_reason
+
+    def subscribe(self, *filters: str, qos: int = 1, timeout: float = 5.0) -> list[int]:
+        self.suback = []
+        self.client.subscribe([(f, qos) for f in filters])
+        deadline = time.monotonic() + timeout
+        while not self.suback and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self.suback
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, timeout: float = 5.0):
+        info = self.client.publish(topic, payload, qos=qos)
+        if qos:
+            info.wait_for_publish(timeout=timeout)
+        return info
+
+    def wait_for(self, predicate, timeout: float = 3.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if predicate(list(self.messages)):
+                    return True
+            time.sleep(0.005)
+        with self._lock:
+            return bool(predicate(list(self.messages)))
+
+    def payloads(self) -> list[bytes]:
+        with self._lock:
+            return [m.payload for m in self.messages]
+
+    def topics(self) -> list[str]:
+        with self._lock:
+            return [m.topic for m in self.messages]
+
+    def wait_disconnected(self, timeout: float = 3.0) -> bool:
+        return self._disconnected.wait(timeout)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.client.is_connected() and not self._disconnected.is_set()
+
+    def close(self) -> None:
+        try:
+            if self.client.is_connected():
+                self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+
+def raw_connect_code(
+    port: int, *, client_id: str, username: str | None, password: str | None, protocol=mqtt.MQTTv5, timeout: float = 5.0
+) -> int:
+    """Connect, report the CONNACK reason code, disconnect."""
+    client = MqttClient(port, client_id=client_id, username=username, password=password, protocol=protocol)
+    try:
+        return client.connect(timeout=timeout)
+    finally:
+        client.close()
