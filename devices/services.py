@@ -95,10 +95,15 @@ def device_update(*, actor, device: Device, data: dict) -> Device:
 
 @transaction.atomic
 def device_delete(*, actor, device: Device) -> None:
+    """Deleting a device also takes its credential off the broker: the deletion is an enforcement change
+    (a durable outbox row applied by the worker), exactly like a revocation."""
+    from security.services import enforcement_enqueue
+
     before = device_snapshot(device)
     client_id = device.client_id
     device.delete()
     audit_record(actor=actor, action="device.delete", object_type="device", object_id=client_id, before=before)
+    enforcement_enqueue(kind="device.delete", client_id=client_id, summary="device deleted", actor=actor)
 
 
 def _named_snapshot(obj) -> dict:

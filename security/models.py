@@ -146,3 +146,100 @@ class BrokerState(models.Model):
     def load(cls) -> "BrokerState":
         state, _ = cls.objects.get_or_create(pk=1)
         return state
+
+
+# --- detection: alerts and what the telemetry consumer last saw of each device ------------------------------
+
+
+class Alert(models.Model):
+    """Something wrong the console noticed. Repeated events of one kind about one subject update the open alert
+    (``dedup_key``, ``occurrences``, ``last_seen``) instead of adding rows; a resolved alert is history, and the
+    next event opens a new one."""
+
+    class Severity(models.TextChoices):
+        INFO = "info", "Info"
+        LOW = "low", "Low"
+        MEDIUM = "medium", "Medium"
+        HIGH = "high", "High"
+        CRITICAL = "critical", "Critical"
+
+    class State(models.TextChoices):
+        OPEN = "open", "Open"
+        ACKNOWLEDGED = "acknowledged", "Acknowledged"
+        RESOLVED = "resolved", "Resolved"
+
+    kind = models.CharField(max_length=48, db_index=True)
+    severity = models.CharField(max_length=16, choices=Severity.choices, db_index=True)
+    # Empty for clients the console does not know (a failed login names no user; an unknown id).
+    device = models.ForeignKey(
+        "devices.Device", null=True, blank=True, on_delete=models.SET_NULL, related_name="alerts"
+    )
+    client_id = models.CharField(max_length=128, blank=True, db_index=True)
+    # What the alert is about beyond its kind: a client id, a source address, a reading name.
+    subject = models.CharField(max_length=255, blank=True)
+    dedup_key = models.CharField(max_length=320, db_index=True)
+    summary = models.CharField(max_length=255)
+    evidence = models.JSONField(default=dict, blank=True)
+    first_seen = models.DateTimeField(db_index=True)
+    last_seen = models.DateTimeField(db_index=True)
+    occurrences = models.PositiveIntegerField(default=1)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.OPEN, db_index=True)
+    acknowledged_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    acknowledge_comment = models.TextField(blank=True)
+    resolved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolve_comment = models.TextField(blank=True)
+    response = models.JSONField(
+        default=dict, blank=True, help_text="The automatic response taken, if any (quarantine), and notifications."
+    )
+
+    class Meta:
+        ordering = ["-last_seen", "-id"]
+        indexes = [models.Index(fields=["state", "severity"]), models.Index(fields=["device", "state"])]
+        constraints = [
+            # One open (or acknowledged) alert per kind and subject: repeated events update it.
+            models.UniqueConstraint(
+                fields=["dedup_key"],
+                condition=~models.Q(state="resolved"),
+                name="alert_one_unresolved_per_dedup_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_severity_display()} {self.kind} {self.client_id or self.subject} ({self.state})"
+
+    @property
+    def severity_rank(self) -> int:
+        return SEVERITY_RANK[self.severity]
+
+
+SEVERITY_RANK = {"info": 0, "low": 1, "medium": 2, "high": 3, "critical": 4}
+
+
+class DeviceActivity(models.Model):
+    """What the telemetry consumer last saw of one client id: counters (authoritative in Redis, copied here in
+    bulk once per batch) and the latest status message. Keyed by client id, not a foreign key: messages from a
+    client id the inventory does not know are counted too."""
+
+    client_id = models.CharField(max_length=128, unique=True)
+    messages = models.BigIntegerField(default=0)
+    bytes = models.BigIntegerField(default=0)
+    malformed = models.BigIntegerField(default=0)
+    telemetry = models.BigIntegerField(default=0)
+    last_message_at = models.DateTimeField(null=True, blank=True)
+    last_malformed_at = models.DateTimeField(null=True, blank=True)
+    last_malformed_reason = models.CharField(max_length=255, blank=True)
+    last_status = models.JSONField(null=True, blank=True)
+    last_status_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "device activity"
+        verbose_name_plural = "device activity"
+
+    def __str__(self) -> str:
+        return f"activity of {self.client_id}"

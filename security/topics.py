@@ -10,11 +10,24 @@ from __future__ import annotations
 
 from django.conf import settings
 
-# What a device publishes (tx) and receives (rx).
-TX_TELEMETRY, TX_STATUS, TX_ACK, TX_CSR = "telemetry", "status", "ack", "csr"
-RX_COMMAND, RX_CONFIG, RX_CREDENTIALS, RX_FIRMWARE = "command", "config", "credentials", "firmware"
-TX_CHANNELS: tuple[str, ...] = (TX_TELEMETRY, TX_STATUS, TX_ACK, TX_CSR)
-RX_CHANNELS: tuple[str, ...] = (RX_COMMAND, RX_CONFIG, RX_CREDENTIALS, RX_FIRMWARE)
+from fleetkeeper_device import topics as device_topics
+
+# What a device publishes (tx) and receives (rx): the channel names are the device library's, so the
+# console and the firmware cannot disagree about them; the prefixes are the console's settings.
+TX_TELEMETRY, TX_STATUS, TX_ACK, TX_CSR = (
+    device_topics.TELEMETRY,
+    device_topics.STATUS,
+    device_topics.ACK,
+    device_topics.CSR,
+)
+RX_COMMAND, RX_CONFIG, RX_CREDENTIALS, RX_FIRMWARE = (
+    device_topics.COMMAND,
+    device_topics.CONFIG,
+    device_topics.CREDENTIALS,
+    device_topics.FIRMWARE,
+)
+TX_CHANNELS: tuple[str, ...] = device_topics.DEVICE_PUBLISH_CHANNELS
+RX_CHANNELS: tuple[str, ...] = device_topics.DEVICE_RECEIVE_CHANNELS
 
 # What a quarantined device keeps: the repair path (new credentials, new firmware, and its acknowledgements).
 REPAIR_RX_CHANNELS: tuple[str, ...] = (RX_CREDENTIALS, RX_FIRMWARE)

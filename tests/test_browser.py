@@ -18,14 +18,10 @@ os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
 # The live server listens on 127.0.0.1 (not "localhost", which may be ::1), the one host pages may load from.
 os.environ.setdefault("DJANGO_LIVE_TEST_SERVER_ADDRESS", "127.0.0.1")
 
-from django.contrib.auth.models import Group  # noqa: E402
-from django.db import connection  # noqa: E402
-from django.db.migrations.executor import MigrationExecutor  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 from devices.models import Device  # noqa: E402
 from security.models import AuditEvent  # noqa: E402
-from security.roles import roles_sync  # noqa: E402
 from tests.factories import PASSWORD, DeviceFactory, DeviceGroupFactory, DeviceModelFactory  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -58,10 +54,6 @@ def browser_page():
 
 @pytest.fixture
 def fleet(live_server, user_with_role):
-    """live_server makes the test transactional; the flush after an earlier transactional test removed the
-    role groups from the data migration, so they are put back by the function that migration runs."""
-    if not Group.objects.filter(name="operator").exists():
-        roles_sync(MigrationExecutor(connection).loader.project_state().apps)
     operator = user_with_role("operator")
     DeviceModelFactory(name="Thermo-1")
     DeviceGroupFactory(name="north")

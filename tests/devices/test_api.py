@@ -486,13 +486,7 @@ def _wait_for_job(client, url, timeout=30):
 
 @pytest.mark.integration
 def test_import_is_run_to_completion_by_a_real_worker(transactional_db, celery_worker, user_with_role):
-    # Committed data, since the worker is another process. An earlier transactional test's flush removes
-    # the roles the data migration created; put them back the way the migration does.
-    from django.apps import apps
-
-    from security.roles import roles_sync
-
-    roles_sync(apps)
+    # Committed data, since the worker is another process.
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     operator = user_with_role("operator")

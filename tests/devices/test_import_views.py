@@ -4,16 +4,12 @@ import re
 import time
 
 import pytest
-from django.contrib.auth.models import Group
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 from django.test import Client
 from django.urls import reverse
 
 from devices.models import Device, ImportJob
 from security.models import AuditEvent
-from security.roles import roles_sync
 from tests.factories import DeviceFactory, DeviceGroupFactory, DeviceModelFactory
 
 
@@ -37,11 +33,7 @@ def wait_for_job_page(client, url: str, worker, timeout: float = 30) -> str:
 
 @pytest.fixture
 def import_client(transactional_db, user_with_role):
-    """The worker is another process and must see committed rows, hence transactional_db. Its flush after
-    each test also removes the role groups the data migration made (permissions come back, groups do not),
-    so they are put back here by the function that migration runs, on the migrated project state."""
-    if not Group.objects.filter(name="operator").exists():
-        roles_sync(MigrationExecutor(connection).loader.project_state().apps)
+    """The worker is another process and must see committed rows, hence transactional_db."""
     operator = user_with_role("operator")
     client = Client()
     client.force_login(operator)

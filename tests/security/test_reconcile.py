@@ -168,19 +168,9 @@ def test_reconcile_in_sync_changes_nothing(mosquitto, operator):
 # --- with a real Celery worker ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def roles_present(transactional_db):
-    """A transactional test before this one flushed the tables, roles included: re-create them."""
-    from django.apps import apps
-
-    from security.roles import roles_sync
-
-    roles_sync(apps)
-
-
 @pytest.mark.slow
 def test_worker_applies_an_issued_credential_and_the_device_connects(
-    transactional_db, roles_present, celery_worker, mosquitto, operator
+    transactional_db, celery_worker, mosquitto, operator
 ):
     device = DeviceFactory(client_id="device-worker1")
     issued = services.credential_issue(actor=operator, device=device)  # autocommit: the task is enqueued now
@@ -194,7 +184,7 @@ def test_worker_applies_an_issued_credential_and_the_device_connects(
 
 @pytest.mark.slow
 def test_worker_keeps_a_revocation_pending_while_the_broker_is_down_and_applies_it_later(
-    transactional_db, roles_present, celery_worker, mosquitto, operator, support
+    transactional_db, celery_worker, mosquitto, operator, support
 ):
     device = DeviceFactory(client_id="device-worker2")
     issued = services.credential_issue(actor=operator, device=device)
@@ -217,9 +207,7 @@ def test_worker_keeps_a_revocation_pending_while_the_broker_is_down_and_applies_
 
 
 @pytest.mark.slow
-def test_run_broker_triggers_a_reconcile_once_the_broker_listens(
-    transactional_db, roles_present, celery_worker, operator
-):
+def test_run_broker_triggers_a_reconcile_once_the_broker_listens(transactional_db, celery_worker, operator):
     """`make run` starts the broker with run_broker: changes made while it was down are applied and verified."""
     import subprocess
     import sys

@@ -10,7 +10,6 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from devices.models import Device
-from fleet.api import AutoSchema
 from security import services
 from security.brokers.overview import policy_overview
 
@@ -44,7 +43,6 @@ def broker_address() -> dict:
 
 
 class DeviceCredentialView(APIView):
-    schema = AutoSchema()
     required_permissions = {"POST": "devices.issue_credentials"}
 
     @extend_schema(
@@ -91,7 +89,6 @@ class PolicySerializer(serializers.Serializer):
 
 
 class PolicyView(APIView):
-    schema = AutoSchema()
     required_permissions = {"GET": "security.view_brokerstate"}
 
     @extend_schema(
@@ -111,7 +108,6 @@ class SyncSerializer(serializers.Serializer):
 
 
 class PolicySyncView(APIView):
-    schema = AutoSchema()
     required_permissions = {"POST": "security.sync_policy"}
 
     @extend_schema(
