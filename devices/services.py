@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
@@ -17,6 +19,7 @@ from .validators import is_valid_client_id, normalize_mac
 
 DEVICE_FIELDS = ("client_id", "name", "model", "groups", "serial", "mac", "status", "firmware_version")
 EDITABLE_DEVICE_FIELDS = ("name", "model", "groups", "serial", "mac", "firmware_version")
+logger = logging.getLogger(__name__)
 CSV_COLUMNS = ["client_id", "name", "model", "groups", "serial", "mac", "firmware_version"]
 
 
@@ -154,8 +157,32 @@ def import_job_create(*, actor, filename: str, content: str) -> ImportJob:
 
     job = ImportJob.objects.create(filename=filename[:255], content=content, created_by=actor if actor else None)
     audit_record(actor=actor, action="import.submit", target=job, after={"filename": job.filename})
-    transaction.on_commit(lambda: import_devices_csv.delay(job.pk))
+    transaction.on_commit(lambda: _import_enqueue(import_devices_csv, job.pk))
     return job
+
+
+def _import_enqueue(task, job_id: int) -> bool:
+    """The job row is durable: when the queue (Redis) is unreachable the upload is kept, the job page says it
+    waits for a worker, and import_jobs_requeue sends it again once the queue is back."""
+    try:
+        task.delay(job_id)
+    except Exception:
+        logger.warning("could not enqueue import job %s; it stays pending and will be re-sent", job_id, exc_info=True)
+        return False
+    return True
+
+
+IMPORT_REQUEUE_AFTER = timedelta(minutes=1)
+
+
+def import_jobs_requeue(*, older_than: timedelta = IMPORT_REQUEUE_AFTER) -> int:
+    """Re-send jobs still waiting for a worker (the queue was down at upload, or the message was lost).
+    Safe to repeat: a finished job is never run twice (import_job_run checks)."""
+    from .tasks import import_devices_csv
+
+    cutoff = timezone.now() - older_than
+    ids = list(ImportJob.objects.filter(state=ImportJob.State.PENDING, created__lt=cutoff).values_list("pk", flat=True))
+    return sum(_import_enqueue(import_devices_csv, job_id) for job_id in ids)
 
 
 def _parse_rows(content: str) -> tuple[list[tuple[int, dict]], list[dict]]:

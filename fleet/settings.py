@@ -139,7 +139,11 @@ AUDIT_TRUST_X_FORWARDED_FOR = env.bool("AUDIT_TRUST_X_FORWARDED_FOR", default=Fa
 # --- Redis and Celery
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:16379/0")
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
-CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=REDIS_URL)
+# No result backend by default: every task records its outcome in a database row (outbox, import job), and
+# Celery's Redis result backend makes a publish block ~20 s and then fail for the life of the process when
+# Redis blips. Set CELERY_RESULT_BACKEND only if you need task results.
+CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="") or None
+CELERY_TASK_IGNORE_RESULT = CELERY_RESULT_BACKEND is None
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = TIME_ZONE
@@ -199,6 +203,54 @@ MQTT_SHARED_SUBSCRIPTION_GROUP = env.str("MQTT_SHARED_SUBSCRIPTION_GROUP", defau
 # use_username_as_clientid binds a username to one session: each consumer replica has its own username
 # (fleetkeeper-consumer, fleetkeeper-consumer-2, ...) sharing MQTT_CONSUMER_PASSWORD.
 MQTT_CONSUMER_REPLICAS = env.int("MQTT_CONSUMER_REPLICAS", default=1)
+
+# --- Detection: the telemetry consumer, the broker-log monitor, detector thresholds, alert notifications
+# The consumer runs inside a Celery worker (`celery -A fleet worker --mqtt-consumer`, or this setting) or alone
+# (`manage.py consume`). Replica N (1-based) logs in as the Nth consumer identity; replica 1 also runs the monitor.
+DETECTION_CONSUMER_ENABLED = env.bool("DETECTION_CONSUMER_ENABLED", default=False)
+DETECTION_CONSUMER_REPLICA = env.int("DETECTION_CONSUMER_REPLICA", default=1)
+DETECTION_MONITOR_ENABLED = env.bool("DETECTION_MONITOR_ENABLED", default=True)
+# Messages queued between paho's network thread and the processor; past it the network thread waits (back-pressure
+# reaches the broker's per-client queue, MQTT_MAX_QUEUED_MESSAGES) instead of memory growing.
+DETECTION_QUEUE_MAX = env.int("DETECTION_QUEUE_MAX", default=50_000)
+DETECTION_BATCH_MAX = env.int("DETECTION_BATCH_MAX", default=2_000)
+DETECTION_FLUSH_SECONDS = env.float("DETECTION_FLUSH_SECONDS", default=0.5)
+DETECTION_REDIS_PREFIX = env.str("DETECTION_REDIS_PREFIX", default="fk:det")
+# Rolling windows for rates and sizes.
+DETECTION_WINDOW_SECONDS = env.int("DETECTION_WINDOW_SECONDS", default=10)
+# Windows a device needs before its own baseline is trusted; until then only the absolute ceilings apply.
+DETECTION_BASELINE_MIN_WINDOWS = env.int("DETECTION_BASELINE_MIN_WINDOWS", default=6)
+DETECTION_BASELINE_ALPHA = env.float("DETECTION_BASELINE_ALPHA", default=0.2)
+DETECTION_RATE_FACTOR = env.float("DETECTION_RATE_FACTOR", default=5.0)
+DETECTION_RATE_MIN_EXCESS = env.int("DETECTION_RATE_MIN_EXCESS", default=50)
+DETECTION_RATE_ABSOLUTE_PER_WINDOW = env.int("DETECTION_RATE_ABSOLUTE_PER_WINDOW", default=150)
+DETECTION_SIZE_FACTOR = env.float("DETECTION_SIZE_FACTOR", default=4.0)
+DETECTION_SIZE_MIN_BYTES = env.int("DETECTION_SIZE_MIN_BYTES", default=2048)
+# Telemetry values: learned per device and reading; out of range = beyond the learned span by this margin.
+DETECTION_VALUE_MIN_SAMPLES = env.int("DETECTION_VALUE_MIN_SAMPLES", default=30)
+DETECTION_VALUE_MARGIN = env.float("DETECTION_VALUE_MARGIN", default=0.5)
+# Authentication failures per source address within the window: brute force; many addresses failing: spraying.
+DETECTION_AUTH_WINDOW_SECONDS = env.int("DETECTION_AUTH_WINDOW_SECONDS", default=60)
+DETECTION_AUTH_FAILURES_BRUTE_FORCE = env.int("DETECTION_AUTH_FAILURES_BRUTE_FORCE", default=5)
+DETECTION_AUTH_SPRAY_ADDRESSES = env.int("DETECTION_AUTH_SPRAY_ADDRESSES", default=10)
+# A connected device that sent nothing for this long is silent (checked by a periodic task).
+DETECTION_SILENCE_SECONDS = env.int("DETECTION_SILENCE_SECONDS", default=600)
+DETECTION_SILENCE_CHECK_SECONDS = env.int("DETECTION_SILENCE_CHECK_SECONDS", default=60)
+# Fingerprints (protocol, clean flag, keepalive, source network) remembered per device for the clone check.
+DETECTION_FINGERPRINT_HISTORY = env.int("DETECTION_FINGERPRINT_HISTORY", default=8)
+# Notifications: an alert at or above the threshold is sent (empty recipients / URL = that channel is off).
+DETECTION_EMAIL_RECIPIENTS = env.list("DETECTION_EMAIL_RECIPIENTS", default=[])
+DETECTION_EMAIL_MIN_SEVERITY = env.str("DETECTION_EMAIL_MIN_SEVERITY", default="high")
+DETECTION_WEBHOOK_URL = env.str("DETECTION_WEBHOOK_URL", default="")
+# The webhook's HMAC-SHA256 key (header X-Fleetkeeper-Signature); required in production only when a URL is set.
+DETECTION_WEBHOOK_SECRET = env.str("DETECTION_WEBHOOK_SECRET", default="") or (
+    "" if PRODUCTION and not DETECTION_WEBHOOK_URL else dev_secret("DETECTION_WEBHOOK_SECRET")
+)
+DETECTION_WEBHOOK_MIN_SEVERITY = env.str("DETECTION_WEBHOOK_MIN_SEVERITY", default="medium")
+DETECTION_WEBHOOK_TIMEOUT = env.float("DETECTION_WEBHOOK_TIMEOUT", default=5.0)
+DETECTION_NOTIFY_MAX_RETRIES = env.int("DETECTION_NOTIFY_MAX_RETRIES", default=5)
+# Automatic response: alert kinds that quarantine their device when raised at critical severity. Off by default.
+DETECTION_AUTO_QUARANTINE_KINDS = env.list("DETECTION_AUTO_QUARANTINE_KINDS", default=[])
 
 # --- REST API
 REST_FRAMEWORK = {

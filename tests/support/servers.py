@@ -80,10 +80,12 @@ class RedisServer:
         wait_for_port(self.port, proc=self.proc)
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, keep_dir: bool = False) -> None:
+        """keep_dir: an outage in the middle of a test; start() brings the same server back on the same port."""
         if self.proc:
             stop(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class CeleryWorker:
