@@ -21,6 +21,12 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="10x smaller fleets (a smoke run, not the targets)")
+    parser.add_argument(
+        "--only",
+        choices=["broker", "dashboard"],
+        action="append",
+        help="run only these groups of figures (repeatable); default: all",
+    )
     parser.add_argument("--devices", type=int, default=100_000)
     parser.add_argument("--stall-fleet", type=int, default=10_000)
     parser.add_argument("--connected", type=int, default=2_000)
@@ -64,15 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     call_command("migrate", verbosity=0)
     print(f"Fleetkeeper benchmarks in {workdir} (database ready in {time.monotonic() - started:.1f} s)", flush=True)
 
-    from . import broker
+    from . import broker, dashboard
 
-    results = broker.run(
-        devices=args.devices,
-        stall_fleet=args.stall_fleet,
-        connected=args.connected,
-        reconnect_fleet=args.reconnect_fleet,
-        compare_iterations=args.compare_iterations,
-    )
+    selected = set(args.only or ["broker", "dashboard"])
+    if "broker" in selected:
+        broker.run(
+            devices=args.devices,
+            stall_fleet=args.stall_fleet,
+            connected=args.connected,
+            reconnect_fleet=args.reconnect_fleet,
+            compare_iterations=args.compare_iterations,
+        )
+    if "dashboard" in selected:
+        dashboard.run(devices=args.devices)
+    results = broker.RESULTS
     print("\nSummary")
     failed = [r for r in results if r["verdict"] == "FAIL"]
     for r in results:

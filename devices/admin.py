@@ -3,18 +3,9 @@ which validate, audit and enforce on the broker. An admin form would bypass all 
 
 from django.contrib import admin
 
+from fleet.admin import ReadOnlyAdmin
+
 from .models import Device, DeviceGroup, DeviceModel, ImportJob
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 @admin.register(Device)
