@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="10x smaller fleets (a smoke run, not the targets)")
     parser.add_argument(
         "--only",
-        choices=["broker", "dashboard"],
+        choices=["broker", "dashboard", "revocation", "ingest"],
         action="append",
         help="run only these groups of figures (repeatable); default: all",
     )
@@ -31,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-fleet", type=int, default=10_000)
     parser.add_argument("--connected", type=int, default=2_000)
     parser.add_argument("--reconnect-fleet", type=int, default=10_000)
+    parser.add_argument("--ingest-devices", type=int, default=200, help="devices publishing in the ingest runs")
+    parser.add_argument("--ingest-messages", type=int, default=500, help="telemetry messages per device per run")
+    parser.add_argument("--revocations", type=int, default=200, help="revocations measured one after the other")
+    parser.add_argument("--revocation-fleet", type=int, default=10_000)
+    parser.add_argument(
+        "--revocation-large-fleet", type=int, default=100_000, help="second revocation run at this size (0: skip)"
+    )
+    parser.add_argument("--revocation-large-count", type=int, default=200)
     parser.add_argument(
         "--compare-iterations",
         type=int,
@@ -41,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.devices, args.stall_fleet, args.connected, args.reconnect_fleet = 10_000, 1_000, 200, 1_000
+        args.revocations, args.revocation_fleet, args.revocation_large_fleet = 50, 1_000, 10_000
+        args.revocation_large_count = 20
 
     # Thousands of sockets in this process and in the broker it starts.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -72,7 +82,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import broker, dashboard
 
-    selected = set(args.only or ["broker", "dashboard"])
+    selected = set(args.only or ["broker", "dashboard", "revocation", "ingest"])
+    if "ingest" in selected:  # first: its own devices, its own broker, before the fleets grow
+        from . import ingest
+
+        ingest.run(
+            devices=args.ingest_devices if not args.quick else min(args.ingest_devices, 50),
+            per_device=args.ingest_messages if not args.quick else min(args.ingest_messages, 400),
+        )
     if "broker" in selected:
         broker.run(
             devices=args.devices,
@@ -83,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "dashboard" in selected:
         dashboard.run(devices=args.devices)
+    if "revocation" in selected:  # last: it decommissions the other benchmarks' devices to size its own fleet
+        from . import revocation
+
+        revocation.run(
+            fleet=args.revocation_fleet,
+            connected=args.connected,
+            revocations=args.revocations,
+            large_fleet=args.revocation_large_fleet,
+            large_revocations=args.revocation_large_count,
+        )
     results = broker.RESULTS
     print("\nSummary")
     failed = [r for r in results if r["verdict"] == "FAIL"]

@@ -204,18 +204,42 @@ MQTT_SHARED_SUBSCRIPTION_GROUP = env.str("MQTT_SHARED_SUBSCRIPTION_GROUP", defau
 # (fleetkeeper-consumer, fleetkeeper-consumer-2, ...) sharing MQTT_CONSUMER_PASSWORD.
 MQTT_CONSUMER_REPLICAS = env.int("MQTT_CONSUMER_REPLICAS", default=1)
 
+# --- PKI (issue 8): the fleet CAs, device certificates, the broker's TLS listener (docs/pki.md)
+# Encrypts every CA and broker private key at rest (PKCS#8, PBES2/AES-256). Losing it means re-creating the CAs.
+FLEET_PKI_KEY = env.str("FLEET_PKI_KEY", default="") or dev_secret("FLEET_PKI_KEY")
+PKI_ORGANISATION = env.str("PKI_ORGANISATION", default="Fleetkeeper")
+PKI_ROOT_DAYS = env.int("PKI_ROOT_DAYS", default=3650)
+PKI_ISSUING_DAYS = env.int("PKI_ISSUING_DAYS", default=1825)
+PKI_SERVER_CERT_DAYS = env.int("PKI_SERVER_CERT_DAYS", default=365)
+PKI_DEVICE_CERT_DAYS = env.int("PKI_DEVICE_CERT_DAYS", default=90)
+PKI_DEVICE_CERT_MAX_DAYS = env.int("PKI_DEVICE_CERT_MAX_DAYS", default=397)
+# The CRL's nextUpdate; it is re-signed when less than half of this is left (a stale CRL refuses every client).
+PKI_CRL_DAYS = env.int("PKI_CRL_DAYS", default=7)
+# Extra names for the broker's server certificate (MQTT_HOST, MQTT_PUBLIC_HOST, localhost, 127.0.0.1 are always in).
+PKI_BROKER_HOSTS = env.list("PKI_BROKER_HOSTS", default=[])
+# The TLS listener (client certificates, MQTT_TLS_PORT). Off only where no PKI is wanted at all.
+MQTT_TLS_LISTENER = env.bool("MQTT_TLS_LISTENER", default=True)
+# The plain (password) listener. Off: it is bound to 127.0.0.1 for the console's own identities only and device
+# passwords are not rendered, so devices must use certificates (the posture audit flags it when on).
+MQTT_PLAIN_LISTENER = env.bool("MQTT_PLAIN_LISTENER", default=True)
+# security/pki/tasks.py is not an app's tasks module: the worker imports it by name.
+CELERY_IMPORTS = ["security.pki.tasks"]
+
 # --- Detection: the telemetry consumer, the broker-log monitor, detector thresholds, alert notifications
 # The consumer runs inside a Celery worker (`celery -A fleet worker --mqtt-consumer`, or this setting) or alone
 # (`manage.py consume`). Replica N (1-based) logs in as the Nth consumer identity; replica 1 also runs the monitor.
 DETECTION_CONSUMER_ENABLED = env.bool("DETECTION_CONSUMER_ENABLED", default=False)
 DETECTION_CONSUMER_REPLICA = env.int("DETECTION_CONSUMER_REPLICA", default=1)
 DETECTION_MONITOR_ENABLED = env.bool("DETECTION_MONITOR_ENABLED", default=True)
-# Messages queued between paho's network thread and the processor; past it the network thread waits (back-pressure
-# reaches the broker's per-client queue, MQTT_MAX_QUEUED_MESSAGES) instead of memory growing.
-DETECTION_QUEUE_MAX = env.int("DETECTION_QUEUE_MAX", default=50_000)
+DETECTION_RECONNECT_MAX_SECONDS = env.int("DETECTION_RECONNECT_MAX_SECONDS", default=10)
+# Messages per batch while busy (folded into per-device aggregates as they arrive).
 DETECTION_BATCH_MAX = env.int("DETECTION_BATCH_MAX", default=2_000)
-DETECTION_FLUSH_SECONDS = env.float("DETECTION_FLUSH_SECONDS", default=0.5)
+DETECTION_FLUSH_SECONDS = env.float("DETECTION_FLUSH_SECONDS", default=0.1)
 DETECTION_REDIS_PREFIX = env.str("DETECTION_REDIS_PREFIX", default="fk:det")
+# The database is written at most this often (newest totals per device), whatever the message rate.
+DETECTION_DB_FLUSH_SECONDS = env.float("DETECTION_DB_FLUSH_SECONDS", default=1.0)
+# Learned value ranges are re-read from Redis (shared by the replicas) after this long.
+DETECTION_STATE_CACHE_SECONDS = env.float("DETECTION_STATE_CACHE_SECONDS", default=5.0)
 # Rolling windows for rates and sizes.
 DETECTION_WINDOW_SECONDS = env.int("DETECTION_WINDOW_SECONDS", default=10)
 # Windows a device needs before its own baseline is trusted; until then only the absolute ceilings apply.
@@ -233,6 +257,9 @@ DETECTION_VALUE_MARGIN = env.float("DETECTION_VALUE_MARGIN", default=0.5)
 DETECTION_AUTH_WINDOW_SECONDS = env.int("DETECTION_AUTH_WINDOW_SECONDS", default=60)
 DETECTION_AUTH_FAILURES_BRUTE_FORCE = env.int("DETECTION_AUTH_FAILURES_BRUTE_FORCE", default=5)
 DETECTION_AUTH_SPRAY_ADDRESSES = env.int("DETECTION_AUTH_SPRAY_ADDRESSES", default=10)
+# Refusals are held this long before they count: the console's own canary probe is refused on purpose at every
+# policy apply, and its refusals are dropped when the probe then logs in from the same address.
+DETECTION_PROBE_HOLD_SECONDS = env.float("DETECTION_PROBE_HOLD_SECONDS", default=1.5)
 # A connected device that sent nothing for this long is silent (checked by a periodic task).
 DETECTION_SILENCE_SECONDS = env.int("DETECTION_SILENCE_SECONDS", default=600)
 DETECTION_SILENCE_CHECK_SECONDS = env.int("DETECTION_SILENCE_CHECK_SECONDS", default=60)

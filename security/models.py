@@ -243,3 +243,233 @@ class DeviceActivity(models.Model):
 
     def __str__(self) -> str:
         return f"activity of {self.client_id}"
+
+
+# --- revocation and quarantine (issue 5): what was asked, by whom, and what proves it is enforced --------------
+
+
+class DeviceAction(models.Model):
+    """One revoke, quarantine or reinstate of one device, with the evidence that the broker enforces it.
+
+    The EnforcementChange row is the outbox (it gets the policy onto the broker); this row is what a person reads:
+    "revocation pending" until the verifier has checked the loaded broker policy, then "verified refused at ...".
+    """
+
+    class Action(models.TextChoices):
+        REVOKE = "revoke", "Revoke"
+        QUARANTINE = "quarantine", "Quarantine"
+        REINSTATE = "reinstate", "Reinstate"
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending verification"
+        VERIFIED = "verified", "Verified"
+        FAILED = "failed", "Verification failed"
+        SUPERSEDED = "superseded", "Superseded by a later action"
+
+    device = models.ForeignKey("devices.Device", null=True, on_delete=models.SET_NULL, related_name="actions")
+    client_id = models.CharField(max_length=128, db_index=True)
+    action = models.CharField(max_length=16, choices=Action.choices)
+    reason = models.TextField()
+    alert_id = models.PositiveBigIntegerField(null=True, blank=True, help_text="The alert this answered, if any.")
+    bulk = models.ForeignKey("security.BulkAction", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    change = models.ForeignKey(EnforcementChange, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_by_label = models.CharField(max_length=150)
+    source_address = models.GenericIPAddressField(null=True, blank=True)
+    request_id = models.CharField(max_length=64, blank=True)
+    requested_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    verified_at = models.DateTimeField(null=True, blank=True)
+    evidence = models.JSONField(null=True, blank=True, help_text="What the verifier observed (docs/revocation.md).")
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-requested_at", "-id"]
+        indexes = [models.Index(fields=["state", "id"]), models.Index(fields=["client_id", "id"])]
+        verbose_name = "device action"
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.client_id} ({self.state})"
+
+    @property
+    def verified_time(self) -> str:
+        """ "12:03:04.120" in the console's time zone: the moment the verifier saw it enforced."""
+        from django.utils import timezone
+
+        if self.verified_at is None:
+            return ""
+        local = timezone.localtime(self.verified_at)
+        return f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d}"
+
+    @property
+    def waiting(self) -> bool:
+        return self.state in (self.State.PENDING, self.State.FAILED)
+
+
+class BulkAction(models.Model):
+    """Revoke or quarantine every device a device-list filter matched. The device ids are fixed when the operator
+    confirms (the count they typed), then a task works through them in chunks, one outbox row per chunk."""
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Waiting for a worker"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Done"
+        FAILED = "failed", "Failed"
+
+    action = models.CharField(max_length=16, choices=[("revoke", "Revoke"), ("quarantine", "Quarantine")])
+    filters = models.JSONField(default=dict, blank=True)
+    reason = models.TextField()
+    device_ids = models.JSONField(default=list, blank=True)
+    total = models.PositiveIntegerField(default=0)
+    processed = models.PositiveIntegerField(default=0)
+    changed = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+    errors = models.JSONField(default=list, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_by_label = models.CharField(max_length=150)
+    source_address = models.GenericIPAddressField(null=True, blank=True)
+    request_id = models.CharField(max_length=64, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        verbose_name = "bulk action"
+
+    def __str__(self) -> str:
+        return f"bulk {self.action} #{self.pk} ({self.state})"
+
+    @property
+    def done(self) -> bool:
+        return self.state in {self.State.SUCCEEDED, self.State.FAILED}
+
+    @property
+    def percent(self) -> int:
+        return int(100 * self.processed / self.total) if self.total else (100 if self.done else 0)
+
+
+# --- device PKI (issue 8): the fleet CAs, the broker's server certificate, device certificates -----------------
+
+
+class CertificateAuthority(models.Model):
+    """The fleet root CA and the issuing CA (or an operator's imported issuing CA and its chain).
+
+    Private keys are stored only as encrypted PKCS#8 (settings.FLEET_PKI_KEY); an imported root has no key here.
+    The issuing CA also carries the current CRL, kept so that re-rendering the broker files does not re-sign it
+    (ECDSA signatures differ every time, which would change the policy digest on every apply)."""
+
+    class Role(models.TextChoices):
+        ROOT = "root", "Root CA"
+        ISSUING = "issuing", "Issuing CA"
+
+    role = models.CharField(max_length=16, choices=Role.choices)
+    active = models.BooleanField(default=True, help_text="The one CA of its role in use; older ones are kept.")
+    imported = models.BooleanField(default=False)
+    subject = models.CharField(max_length=255)
+    serial = models.CharField(max_length=64)
+    fingerprint = models.CharField(max_length=95)
+    not_before = models.DateTimeField()
+    not_after = models.DateTimeField()
+    certificate_pem = models.TextField()
+    chain_pem = models.TextField(blank=True, help_text="Issuing CA only: the certificates above it, up to the root.")
+    encrypted_key_pem = models.TextField(blank=True, help_text="PKCS#8, encrypted; empty for an imported root.")
+    crl_pem = models.TextField(blank=True)
+    crl_number = models.PositiveBigIntegerField(default=0)
+    crl_this_update = models.DateTimeField(null=True, blank=True)
+    crl_next_update = models.DateTimeField(null=True, blank=True)
+    crl_content = models.CharField(max_length=64, blank=True, help_text="Hash of the revoked serials in crl_pem.")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["role", "-created"]
+        verbose_name = "certificate authority"
+        verbose_name_plural = "certificate authorities"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["role"], condition=models.Q(active=True), name="security_one_active_ca_per_role"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_role_display()}: {self.subject}"
+
+
+class BrokerServerCertificate(models.Model):
+    """The broker's TLS server certificate, issued by the issuing CA for the broker's host names."""
+
+    issuer = models.ForeignKey(CertificateAuthority, on_delete=models.PROTECT, related_name="+")
+    hosts = models.JSONField(default=list)
+    serial = models.CharField(max_length=64)
+    fingerprint = models.CharField(max_length=95)
+    not_before = models.DateTimeField()
+    not_after = models.DateTimeField()
+    certificate_pem = models.TextField()
+    encrypted_key_pem = models.TextField()
+    active = models.BooleanField(default=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self) -> str:
+        return f"broker certificate {self.serial[:16]}"
+
+
+class DeviceCertificate(models.Model):
+    """One certificate issued to a device. The private key is never here (CSR: it never left the device;
+    factory bundle: downloaded once). ``client_id`` is kept if the device is deleted, so the CRL still lists it."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        REVOKED = "revoked", "Revoked"
+
+    class Source(models.TextChoices):
+        CSR = "csr", "Device CSR"
+        FACTORY = "factory", "Factory bundle"
+
+    device = models.ForeignKey(
+        "devices.Device", null=True, blank=True, on_delete=models.SET_NULL, related_name="certificates"
+    )
+    client_id = models.CharField(max_length=128, db_index=True)
+    issuer = models.ForeignKey(CertificateAuthority, on_delete=models.PROTECT, related_name="device_certificates")
+    serial = models.CharField(max_length=64, unique=True, help_text="Hexadecimal.")
+    fingerprint = models.CharField(max_length=95, help_text="SHA-256 of the DER certificate.")
+    key_type = models.CharField(max_length=32)
+    not_before = models.DateTimeField()
+    not_after = models.DateTimeField(db_index=True)
+    certificate_pem = models.TextField()
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.CSR)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE, db_index=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    reason = models.CharField(max_length=255, blank=True)
+    issued_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        indexes = [models.Index(fields=["client_id", "status"])]
+
+    def __str__(self) -> str:
+        return f"{self.client_id} certificate {self.serial[:16]}"
+
+    @property
+    def expired(self) -> bool:
+        from django.utils import timezone
+
+        return self.not_after <= timezone.now()
+
+    @property
+    def display_status(self) -> str:
+        """active / revoked / expired, as the device page shows it."""
+        if self.status == self.Status.REVOKED:
+            return "revoked"
+        return "expired" if self.expired else "active"

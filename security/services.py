@@ -31,12 +31,14 @@ from .brokers.base import ApplyResult, BrokerRejected, BrokerUnavailable
 from .brokers.render import DeviceRow, RenderedPolicy, hash_secret, passwd_drift, policy_render
 from .models import BrokerState, DeviceCredential, EnforcementChange
 from .permissions import require
+from .pki.services import device_certificates_revoke
 
 logger = logging.getLogger(__name__)
 
 SECRET_BYTES = 32  # 256 bits from the operating system's CSPRNG
 MAX_SECRET_LENGTH = 256
 BROKER_LOCK = "fleetkeeper:broker-apply"
+URGENT_KINDS = ("device.revoke", "device.quarantine")  # applied without the coalescing window (issue 5)
 MAX_ALERTED_UNKNOWN = 100  # audit events per reconcile for unknown credentials (the rest are counted)
 
 
@@ -195,16 +197,25 @@ def _device_status_change(*, actor, device: Device, action: str, reason: str = "
         device.status = target
         device.full_clean()
         device.save(update_fields=["status", "updated"])
-        removed = False
+        removed, certificates_revoked = False, 0
         if target in (Device.Status.REVOKED, Device.Status.DECOMMISSIONED):
             # A revoked secret must never come back: reinstating a revoked device needs a new one.
             removed = DeviceCredential.objects.filter(device=device).delete()[0] > 0
+            # Its certificates go on the CRL, and a live TLS session is cut off (a CRL alone does not).
+            certificates_revoked = device_certificates_revoke(
+                actor=actor, device=device, reason=reason or f"device {action}"
+            )
         audit_record(
             actor=actor,
             action=f"device.{action}",
             target=device,
             before=before,
-            after={"status": target, "reason": reason, "credential_removed": removed},
+            after={
+                "status": target,
+                "reason": reason,
+                "credential_removed": removed,
+                "certificates_revoked": certificates_revoked,
+            },
         )
         enforcement_enqueue(kind=f"device.{action}", client_id=device.client_id, summary=reason[:255], actor=actor)
     return device
@@ -378,10 +389,12 @@ def enforcement_apply(*, change_id: int | None = None, coalesce: bool = True) ->
     Coalescing: the first task waits out the window after its change was made, takes the lock and applies all
     rows pending by then; the tasks of the other rows find nothing left and return."""
     if change_id is not None:
-        change = EnforcementChange.objects.filter(pk=change_id).only("state", "created").first()
+        change = EnforcementChange.objects.filter(pk=change_id).only("state", "created", "kind").first()
         if change is None or change.state == EnforcementChange.State.APPLIED:
             return None
-        if coalesce:
+        # A single revoke or quarantine does not wait for the window: the person on call waits for it. Others
+        # arriving meanwhile still coalesce through the lock (the next apply takes every pending row).
+        if coalesce and change.kind not in URGENT_KINDS:
             wait = (
                 change.created + timedelta(milliseconds=settings.MQTT_APPLY_COALESCE_MS) - timezone.now()
             ).total_seconds()
@@ -402,7 +415,12 @@ def _apply_locked(*, force_reload: bool, drift: dict | None = None) -> ApplyResu
     up_to_id = _pending_max_id()
     state = BrokerState.load()
     adapter = get_adapter()
-    policy = policy_desired()
+    # Revocations of active devices on top of an unchanged broker: cut the lines out of the loaded files instead of
+    # rendering the whole fleet again (issue 5's latency target; the reconcile still renders in full every minute).
+    from .revocation import policy_fast_revoke
+
+    policy = None if force_reload else policy_fast_revoke(up_to_id=up_to_id, state=state, adapter=adapter)
+    policy = policy or policy_desired()
     try:
         result = adapter.apply(policy, force_reload=force_reload)
     except BrokerUnavailable as exc:
@@ -476,13 +494,22 @@ def broker_reconcile(*, trigger: str = "schedule") -> dict:
         outcome.update(repaired=bool(drift) and bool(result.probe and result.probe.ok), probe=result.probe.as_dict())
         file_drift = {k: v for k, v in drift.items() if k != "restart"}
         for username in unknown[:MAX_ALERTED_UNKNOWN]:
-            # Should raise an alert once the detection work adds alerts; until then the audit log carries it.
             audit_record(
                 actor=None,
                 action="broker.unknown_credential",
                 object_type="broker",
                 object_id=username,
                 after={"username": username, "removed": True, "trigger": trigger},
+            )
+            from security.detection.alerts import alert_raise
+
+            alert_raise(
+                kind="unknown_credential",
+                subject=username,
+                client_id=username,
+                device=Device.objects.filter(client_id=username).first(),
+                summary=f"The broker had a credential for {username!r} that the console did not issue (removed)",
+                evidence={"username": username, "removed": True, "trigger": trigger, "counts": {"found": 1}},
             )
         if file_drift or "restart" in drift:
             audit_record(

@@ -3,8 +3,9 @@ policy), so a redelivery after a worker crash is safe."""
 
 from celery import shared_task
 from django.conf import settings
+from django.db import OperationalError
 
-from . import services
+from . import revocation, services
 from .audit import audit_context
 from .brokers.base import BrokerUnavailable
 
@@ -23,11 +24,11 @@ def apply_enforcement(change_id: int) -> str:
     reconcile job applies them when the broker is back."""
     with audit_context(service="broker"):
         result = services.enforcement_apply(change_id=change_id)
-    if result is None:
-        return "nothing to do (already applied)"
-    if not (result.probe and result.probe.ok):
+    if result is not None and not (result.probe and result.probe.ok):
         raise services.ProbeFailed(result.probe.error if result.probe else "no probe result")
-    return "applied"
+    # Revocation and quarantine: prove from the broker's side what was applied (docs/revocation.md).
+    revocation.verify_after_apply()
+    return "nothing to do (already applied)" if result is None else "applied"
 
 
 @shared_task(
@@ -41,8 +42,78 @@ def apply_enforcement(change_id: int) -> str:
 def reconcile_broker(trigger: str = "schedule") -> dict:
     with audit_context(service="broker-reconcile"):
         outcome = services.broker_reconcile(trigger=trigger)
+        revocation.bulk_action_resume_stalled()
+    revocation.verify_after_apply()
     return {
         "drift": sorted(outcome.get("drift", {})),
         "repaired": outcome.get("repaired"),
         "error": outcome.get("error", ""),
     }
+
+
+@shared_task(name="security.run_bulk_action", acks_late=True, max_retries=5, autoretry_for=(OperationalError,))
+def run_bulk_action(bulk_id: int) -> str:
+    """One chunk per run, then the next run is queued: the apply tasks of earlier chunks run in between (each chunk
+    is one outbox row, so one reload at most), and progress shows while it runs. Idempotent (acks_late is safe)."""
+    more = revocation.bulk_action_run_chunk(bulk_id=bulk_id)
+    if more:
+        run_bulk_action.delay(bulk_id)
+        return "chunk done, more queued"
+    return "done"
+
+
+# --- detection: notifications, the automatic response, the silence check -----------------------------------
+
+
+@shared_task(
+    name="security.notify_alert",
+    bind=True,
+    max_retries=settings.DETECTION_NOTIFY_MAX_RETRIES,
+)
+def notify_alert(self, alert_id: int, channels: list[str] | None = None) -> dict:
+    """Email and webhook for one alert. A channel that failed is retried alone (with backoff), so a slow webhook
+    never resends the email."""
+    from security.detection import notify
+    from security.models import Alert
+
+    alert = Alert.objects.filter(pk=alert_id).first()
+    if alert is None:
+        return {}
+    channels = notify.channels_for(alert) if channels is None else channels
+    outcome, failed = {}, []
+    for channel in channels:
+        try:
+            if channel == "email":
+                notify.send_email(alert)
+                outcome["email"] = "sent"
+            else:
+                outcome["webhook"] = notify.send_webhook(alert)
+        except (notify.WebhookFailed, OSError) as exc:
+            outcome[channel] = f"failed: {exc}"
+            failed.append(channel)
+    if outcome:
+        notifications = {**(alert.response.get("notifications") or {}), **{k: str(v) for k, v in outcome.items()}}
+        Alert.objects.filter(pk=alert.pk).update(response={**alert.response, "notifications": notifications})
+    if failed:
+        raise self.retry(
+            args=(alert_id, failed), countdown=min(300, 2 ** (self.request.retries + 1)), max_retries=self.max_retries
+        )
+    return outcome
+
+
+@shared_task(name="security.alert_respond", acks_late=True)
+def alert_respond(alert_id: int) -> str:
+    """The optional automatic response (quarantine on a critical alert, per DETECTION_AUTO_QUARANTINE_KINDS)."""
+    from security.detection.alerts import alert_auto_respond
+
+    with audit_context(service="detection-response"):
+        return alert_auto_respond(alert_id=alert_id)
+
+
+@shared_task(name="security.detect_silent_devices")
+def detect_silent_devices() -> int:
+    """Devices that reported before and have been silent past DETECTION_SILENCE_SECONDS."""
+    from security.detection.periodic import silent_devices_check
+
+    with audit_context(service="detection"):
+        return silent_devices_check()

@@ -1,6 +1,9 @@
 from django.urls import path  # noqa: F401
 
+from security.views import alerts as alert_views
 from security.views import broker as broker_views
+from security.views import pki as pki_views
+from security.views import revocation as revocation_views
 from security.views.audit import AuditLogView
 
 urlpatterns: list = [
@@ -14,4 +17,49 @@ urlpatterns: list = [
         broker_views.CredentialIssueView.as_view(),
         name="device-credential-issue",
     ),
+    # --- revocation and quarantine (issue 5); alerts link to devices/<client_id>/revoke/?alert=<id> ---
+    path("devices/<str:client_id>/revoke/", revocation_views.DeviceRevokeView.as_view(), name="device-revoke"),
+    path(
+        "devices/<str:client_id>/quarantine/", revocation_views.DeviceQuarantineView.as_view(), name="device-quarantine"
+    ),
+    path("devices/<str:client_id>/reinstate/", revocation_views.DeviceReinstateView.as_view(), name="device-reinstate"),
+    path(
+        "devices/<str:client_id>/security/",
+        revocation_views.DeviceSecurityPanelView.as_view(),
+        name="device-security-panel",
+    ),
+    path("bulk-actions/new/", revocation_views.BulkNewView.as_view(), name="bulk-action-new"),
+    path("bulk-actions/<int:pk>/", revocation_views.BulkDetailView.as_view(), name="bulk-action-detail"),
+    # --- pki (issue 8) ---
+    path("pki/", pki_views.PkiView.as_view(), name="pki"),
+    path("pki/<str:name>.pem", pki_views.PkiDownloadView.as_view(), name="pki-download"),
+    path(
+        "devices/<str:client_id>/certificates/",
+        pki_views.DeviceCertificatesFragmentView.as_view(),
+        name="device-certificates",
+    ),
+    path(
+        "devices/<str:client_id>/certificates/issue/",
+        pki_views.DeviceCertificateIssueView.as_view(),
+        name="device-certificate-issue",
+    ),
+    path(
+        "devices/<str:client_id>/certificates/bundle/",
+        pki_views.DeviceCertificateBundleView.as_view(),
+        name="device-certificate-bundle",
+    ),
+    path(
+        "devices/<str:client_id>/certificates/<str:serial>/revoke/",
+        pki_views.DeviceCertificateRevokeView.as_view(),
+        name="device-certificate-revoke",
+    ),
+    # --- alerts (issue 6, detection) ---
+    path("alerts/", alert_views.AlertListView.as_view(), name="alert-list"),
+    path("alerts/<int:pk>/", alert_views.AlertDetailView.as_view(), name="alert-detail"),
+    path(
+        "alerts/<int:pk>/acknowledge/", alert_views.AlertActView.as_view(action="acknowledge"), name="alert-acknowledge"
+    ),
+    path("alerts/<int:pk>/resolve/", alert_views.AlertActView.as_view(action="resolve"), name="alert-resolve"),
+    path("alerts/card/", alert_views.AlertOverviewCardView.as_view(), name="alert-overview-card"),
+    path("devices/<str:client_id>/alerts/", alert_views.DeviceAlertsFragmentView.as_view(), name="device-alerts"),
 ]

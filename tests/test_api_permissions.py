@@ -14,10 +14,13 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from devices.models import Device, DeviceGroup, DeviceModel, ImportJob
-from security.audit import audit_record
-from security.models import AuditEvent
+from security.audit import audit_context, audit_record
+from security.models import Alert, AuditEvent, BulkAction, DeviceAction
+from security.pki.services import broker_server_cert_ensure, certificate_factory_bundle
 from tests.conftest import make_user
 from tests.factories import PASSWORD, DeviceFactory, DeviceGroupFactory, DeviceModelFactory
+from tests.security.pki_helpers import csr_for
+from tests.security.test_alerts import alert_seed
 
 pytestmark = pytest.mark.django_db
 
@@ -27,6 +30,8 @@ INVENTORY_READERS = {"admin", "operator", "support", "auditor"}
 FLEET_WRITERS = {"admin", "operator"}
 IMPORT_READERS = {"admin", "operator", "auditor"}
 AUDIT_READERS = {"admin", "auditor"}
+REVOKERS = {"admin", "support"}
+ALERT_WORKERS = {"admin", "support"}
 
 
 def _token_body(ctx):
@@ -200,12 +205,141 @@ ENDPOINTS = [
         202,
         "broker.sync_requested",
     ),
+    # Revocation and quarantine (security/api/views/revocation.py): support and admin revoke and quarantine,
+    # operator and admin reinstate; everyone who reads the inventory reads the actions and bulk jobs.
+    (
+        "device-revoke",
+        "post",
+        lambda c: "/api/v1/devices/device-perm/revoke/",
+        lambda c: {"reason": "permission check"},
+        "json",
+        REVOKERS,
+        202,
+        "device.revoke",
+    ),
+    (
+        "device-quarantine",
+        "post",
+        lambda c: "/api/v1/devices/device-perm/quarantine/",
+        lambda c: {"reason": "permission check"},
+        "json",
+        REVOKERS,
+        202,
+        "device.quarantine",
+    ),
+    (
+        "device-reinstate",
+        "post",
+        lambda c: "/api/v1/devices/device-held/reinstate/",
+        lambda c: {"reason": "permission check"},
+        "json",
+        FLEET_WRITERS,
+        202,
+        "device.reinstate",
+    ),
+    (
+        "device-action-detail",
+        "get",
+        lambda c: f"/api/v1/device-actions/{c['action']}/",
+        None,
+        None,
+        INVENTORY_READERS,
+        200,
+        None,
+    ),
+    (
+        "bulk-revoke",
+        "post",
+        lambda c: "/api/v1/devices/bulk/revoke/",
+        lambda c: {"filters": {"search": "device-perm"}, "reason": "permission check", "confirm_count": 1},
+        "json",
+        REVOKERS,
+        202,
+        "bulk.revoke_requested",
+    ),
+    (
+        "bulk-quarantine",
+        "post",
+        lambda c: "/api/v1/devices/bulk/quarantine/",
+        lambda c: {"filters": {"search": "device-perm"}, "reason": "permission check", "confirm_count": 1},
+        "json",
+        REVOKERS,
+        202,
+        "bulk.quarantine_requested",
+    ),
+    ("bulk-detail", "get", lambda c: f"/api/v1/bulk-actions/{c['bulk']}/", None, None, INVENTORY_READERS, 200, None),
+    # Alerts (detection, issue 6): everyone who reads the inventory reads alerts; support and admin work them.
+    ("alert-list", "get", lambda c: "/api/v1/alerts/", None, None, INVENTORY_READERS, 200, None),
+    ("alert-detail", "get", lambda c: f"/api/v1/alerts/{c['alert']}/", None, None, INVENTORY_READERS, 200, None),
+    (
+        "alert-acknowledge",
+        "post",
+        lambda c: f"/api/v1/alerts/{c['alert']}/acknowledge/",
+        lambda c: {"comment": "on it"},
+        "json",
+        ALERT_WORKERS,
+        200,
+        "alert.acknowledged",
+    ),
+    (
+        "alert-resolve",
+        "post",
+        lambda c: f"/api/v1/alerts/{c['alert']}/resolve/",
+        lambda c: {"comment": "fixed"},
+        "json",
+        ALERT_WORKERS,
+        200,
+        "alert.resolved",
+    ),
     ("audit-list", "get", lambda c: "/api/v1/audit-log/", None, None, AUDIT_READERS, 200, None),
     ("audit-detail", "get", lambda c: f"/api/v1/audit-log/{c['event']}/", None, None, AUDIT_READERS, 200, None),
+    # --- pki (issue 8) ---
+    ("pki-ca", "get", lambda c: "/api/v1/pki/ca/", None, None, INVENTORY_READERS, 200, None),
+    (
+        "device-certificates",
+        "get",
+        lambda c: "/api/v1/devices/device-perm/certificates/",
+        None,
+        None,
+        INVENTORY_READERS,
+        200,
+        None,
+    ),
+    (
+        "device-certificate-issue",
+        "post",
+        lambda c: "/api/v1/devices/device-perm/certificates/",
+        lambda c: {"csr": c["csr"]},
+        "json",
+        FLEET_WRITERS,
+        201,
+        "certificate.issue",
+    ),
+    (
+        "device-certificate-bundle",
+        "post",
+        lambda c: "/api/v1/devices/device-perm/certificates/bundle/",
+        lambda c: {},
+        "json",
+        FLEET_WRITERS,
+        201,
+        "certificate.factory_issue",
+    ),
+    (
+        "device-certificate-revoke",
+        "post",
+        lambda c: f"/api/v1/devices/device-perm/certificates/{c['certificate']}/revoke/",
+        lambda c: {"reason": "lost in transit"},
+        "json",
+        REVOKERS,
+        200,
+        "certificate.revoke",
+    ),
 ]
 
 # Successful calls that change something other than the inventory rows _state() compares.
 OUTSIDE_THE_INVENTORY = {"token", "device-credentials", "policy-sync"}
+OUTSIDE_THE_INVENTORY |= {"device-certificate-issue", "device-certificate-bundle", "device-certificate-revoke"}
 
 # The table written out: expected status per endpoint and role. Anonymous callers get 401 (token auth
 # comes first), except on the docs page, which is for people and sends them to the login page.
@@ -225,7 +359,27 @@ def inventory():
     unused = DeviceModelFactory(name="Model-unused")
     job = ImportJob.objects.create(filename="old.csv", content="client_id\n")
     event = audit_record(actor="setup", action="setup.seed")
-    return {"model": model.pk, "unused_model": unused.pk, "group": group.pk, "job": job.pk, "event": event.pk}
+    held = DeviceFactory(client_id="device-held", status=Device.Status.QUARANTINED)
+    action = DeviceAction.objects.create(
+        device=held, client_id=held.client_id, action="quarantine", reason="seed", requested_by_label="setup"
+    )
+    bulk = BulkAction.objects.create(action="revoke", reason="seed", created_by_label="setup")
+    with audit_context(service="setup"):  # the CAs and one certificate exist before the call (pki, issue 8)
+        certificate = certificate_factory_bundle(actor=None, device=device).record.serial
+        broker_server_cert_ensure()  # what the first broker render creates (audited), not a read's side effect
+    alert = alert_seed(device)
+    return {
+        "model": model.pk,
+        "unused_model": unused.pk,
+        "group": group.pk,
+        "job": job.pk,
+        "event": event.pk,
+        "action": action.pk,
+        "bulk": bulk.pk,
+        "certificate": certificate,
+        "csr": csr_for("device-perm")[1],
+        "alert": alert.pk,
+    }
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -271,11 +425,14 @@ def test_endpoint_for_role(endpoint, role, inventory):
         assert _state() == snapshot_before, "a refused call changed something"
         assert AuditEvent.objects.count() == events_before
     elif audited_action:
-        event = AuditEvent.objects.get(request_id=request_id)
-        assert event.action == audited_action
-        assert event.actor == user
-        assert event.actor_label == user.username
-        assert event.source_address == "127.0.0.1"
+        # One call may record several events (revoking a device also revokes its certificates): the expected
+        # one is there, and every event of the request names the caller and where the call came from.
+        events = list(AuditEvent.objects.filter(request_id=request_id))
+        assert audited_action in [e.action for e in events]
+        for event in events:
+            assert event.actor == user
+            assert event.actor_label == user.username
+            assert event.source_address == "127.0.0.1"
         if name not in OUTSIDE_THE_INVENTORY:
             assert _state() != snapshot_before
     else:
@@ -285,10 +442,13 @@ def test_endpoint_for_role(endpoint, role, inventory):
 
 def _state():
     return (
-        sorted(Device.objects.values_list("client_id", "name")),
+        sorted(Device.objects.values_list("client_id", "name", "status")),
         sorted(DeviceModel.objects.values_list("name", "manufacturer", "latest_firmware")),
         sorted(DeviceGroup.objects.values_list("name", "description")),
         ImportJob.objects.count(),
+        DeviceAction.objects.count(),
+        BulkAction.objects.count(),
+        sorted(Alert.objects.values_list("id", "state")),
     )
 
 
@@ -327,7 +487,9 @@ def _normalise(route: str) -> str:
 
 
 def test_every_api_route_is_in_the_table():
-    ctx = {"model": 1, "unused_model": 1, "group": 1, "job": 1, "event": 1, "username": "x"}
-    covered = {re.sub(r"/(device-perm|\d+)/", "/{}/", url(ctx)) for _n, _m, url, *_ in ENDPOINTS}
+    ctx = {"model": 1, "unused_model": 1, "group": 1, "job": 1, "event": 1, "action": 1, "bulk": 1, "username": "x"}
+    ctx["alert"] = 1
+    ctx["certificate"] = 1  # pki (issue 8)
+    covered = {re.sub(r"/(device-perm|device-held|\d+)/", "/{}/", url(ctx)) for _n, _m, url, *_ in ENDPOINTS}
     routes = {_normalise(r) for r in _api_routes()}
     assert routes - covered == set(), "API routes without a row in ENDPOINTS"

@@ -1,6 +1,8 @@
 from django.urls import include, path  # noqa: F401
 
 from security.api.views import broker as broker_api
+from security.api.views import pki as pki_api
+from security.api.views import revocation as revocation_api
 
 urlpatterns: list = [
     # --- audit log API (API work) ---
@@ -11,4 +13,37 @@ urlpatterns: list = [
     path(
         "devices/<str:client_id>/credentials/", broker_api.DeviceCredentialView.as_view(), name="api-device-credentials"
     ),
+    # --- revocation and quarantine (issue 5) ---
+    path("devices/bulk/revoke/", revocation_api.BulkRevokeView.as_view(), name="api-bulk-revoke"),
+    path("devices/bulk/quarantine/", revocation_api.BulkQuarantineView.as_view(), name="api-bulk-quarantine"),
+    path("bulk-actions/<int:pk>/", revocation_api.BulkActionDetailView.as_view(), name="api-bulk-action-detail"),
+    path("devices/<str:client_id>/revoke/", revocation_api.DeviceRevokeView.as_view(), name="api-device-revoke"),
+    path(
+        "devices/<str:client_id>/quarantine/",
+        revocation_api.DeviceQuarantineView.as_view(),
+        name="api-device-quarantine",
+    ),
+    path(
+        "devices/<str:client_id>/reinstate/", revocation_api.DeviceReinstateView.as_view(), name="api-device-reinstate"
+    ),
+    path("device-actions/<int:pk>/", revocation_api.DeviceActionDetailView.as_view(), name="api-device-action-detail"),
+    # --- pki (issue 8) ---
+    path("pki/ca/", pki_api.PkiCaView.as_view(), name="api-pki-ca"),
+    path(
+        "devices/<str:client_id>/certificates/",
+        pki_api.DeviceCertificatesView.as_view(),
+        name="api-device-certificates",
+    ),
+    path(
+        "devices/<str:client_id>/certificates/bundle/",
+        pki_api.DeviceCertificateBundleView.as_view(),
+        name="api-device-certificate-bundle",
+    ),
+    path(
+        "devices/<str:client_id>/certificates/<str:serial>/revoke/",
+        pki_api.DeviceCertificateRevokeView.as_view(),
+        name="api-device-certificate-revoke",
+    ),
+    # --- alerts (issue 6, detection) ---
+    path("alerts/", include("security.api.views.alerts")),
 ]

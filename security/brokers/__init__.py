@@ -24,7 +24,14 @@ def broker_run_as() -> str:
         return "root" if os.geteuid() == 0 else ""
 
 
-def broker_config() -> BrokerConfig:
+def broker_config(*, with_tls: bool = True) -> BrokerConfig:
+    """``with_tls=False``: without the TLS material (certificates, CRL), for callers that only need addresses and
+    paths (the adapter); the rendered policy carries the material it writes."""
+    tls = None
+    if with_tls:
+        from security.pki.services import broker_tls_material
+
+        tls = broker_tls_material()
     return BrokerConfig(
         broker_dir=str(settings.MQTT_BROKER_DIR),
         host=settings.MQTT_HOST,
@@ -41,6 +48,8 @@ def broker_config() -> BrokerConfig:
         iterations=settings.MQTT_PASSWORD_ITERATIONS,
         run_as=broker_run_as(),
         shared_group=settings.MQTT_SHARED_SUBSCRIPTION_GROUP,
+        tls=tls,
+        plain_listener=settings.MQTT_PLAIN_LISTENER,
     )
 
 
@@ -60,5 +69,7 @@ def console_identities() -> list[ConsoleIdentity]:
 def get_adapter() -> BrokerAdapter:
     adapter_class = import_string(settings.MQTT_BROKER_ADAPTER)
     return adapter_class(
-        broker_config(), probe_username=settings.MQTT_PROBE_USERNAME, probe_timeout=settings.MQTT_PROBE_TIMEOUT
+        broker_config(with_tls=False),
+        probe_username=settings.MQTT_PROBE_USERNAME,
+        probe_timeout=settings.MQTT_PROBE_TIMEOUT,
     )

@@ -16,9 +16,23 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from .base import BrokerAdapter, BrokerProcess, BrokerRejected, BrokerUnavailable, LoadedFiles, ProbeResult
-from .render import BrokerConfig, PolicyError, RenderedPolicy, parse_passwd, validate_acl, validate_config
+from .render import (
+    TLS_KEY_FILE,
+    BrokerConfig,
+    PolicyError,
+    RenderedPolicy,
+    parse_passwd,
+    validate_acl,
+    validate_config,
+)
 
 FILE_MODE = 0o640  # the broker may run as another user of the same group (docs/broker.md)
+TLS_KEY_MODE = 0o600  # the broker's private key: its own user only
+
+
+def _check_pem(text: str) -> None:
+    if "-----BEGIN " not in text or "-----END " not in text:
+        raise PolicyError("not a PEM file")
 
 
 def _read(path: Path) -> str | None:
@@ -62,7 +76,7 @@ class MosquittoFiles(BrokerAdapter):
         paths = self.paths
         return LoadedFiles(config=_read(paths["config"]), passwd=_read(paths["passwd"]), acl=_read(paths["acl"]))
 
-    def _atomic_write(self, path: Path, content: str, check) -> None:
+    def _atomic_write(self, path: Path, content: str, check, mode: int = FILE_MODE) -> None:
         """Temp file in the same directory, written and fsynced, read back and checked, then renamed over the
         old one: the broker never sees a half-written or invalid file, even if we crash midway."""
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -72,7 +86,7 @@ class MosquittoFiles(BrokerAdapter):
                 handle.write(content)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.chmod(tmp, FILE_MODE)
+            os.chmod(tmp, mode)
             written = tmp.read_text()
             if written != content:
                 raise BrokerRejected(f"{path.name}: what was written differs from what was rendered")
@@ -91,6 +105,15 @@ class MosquittoFiles(BrokerAdapter):
         current = self.loaded_files()
         paths = self.paths
         changed = False
+        if policy.tls is not None:
+            # The TLS material before the config that names it (its digest is in the config). The server key is
+            # readable by the broker's user only; it is stored encrypted in the database (docs/pki.md).
+            for name, content in policy.tls.files().items():
+                path = self.dir / name
+                mode = TLS_KEY_MODE if name == TLS_KEY_FILE else FILE_MODE
+                if _read(path) != content or (path.stat().st_mode & 0o777) != mode:
+                    self._atomic_write(path, content, _check_pem, mode=mode)
+                    changed = True
         # The password file and the ACL first, the config last: a reload in between sees a consistent pair.
         for key, content, check in (
             ("passwd", policy.passwd, parse_passwd),

@@ -92,6 +92,39 @@ class ConsoleIdentity:
 
 
 @dataclass(frozen=True)
+class TlsMaterial:
+    """What the TLS listener loads (issue 8, docs/pki.md): the issuing chain devices are verified against, the
+    broker's server certificate and key, the issuing CA's CRL, and the device usernames cut off in the ACL (a CRL
+    refuses new handshakes only: a session already open stays connected, the ACL deny stops its traffic)."""
+
+    ca_chain: str
+    server_cert: str
+    server_key: str = field(repr=False)
+    crl: str
+    denied: tuple[str, ...] = ()
+    # Quarantined devices that hold a certificate: the quarantine ACL block applies to them with or without a password.
+    quarantined: tuple[str, ...] = ()
+
+    def files(self) -> dict[str, str]:
+        return {
+            TLS_CA_FILE: self.ca_chain,
+            TLS_CERT_FILE: self.server_cert,
+            TLS_KEY_FILE: self.server_key,
+            TLS_CRL_FILE: self.crl,
+        }
+
+    def content_digest(self) -> str:
+        """Goes into the rendered config, so a new CRL (or chain, or server certificate) changes the config, the
+        policy digest and the probe's generation: the canary then proves the broker reloaded it."""
+        return hashlib.sha256(
+            "\0".join([self.ca_chain, self.server_cert, self.server_key, self.crl]).encode()
+        ).hexdigest()
+
+
+TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE, TLS_CRL_FILE = "ca-chain.pem", "server.crt", "server.key", "crl.pem"
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """Everything from settings that shapes the rendered files (so rendering stays a pure function)."""
 
@@ -110,6 +143,9 @@ class BrokerConfig:
     iterations: int
     run_as: str = ""
     shared_group: str = "fleetkeeper"
+    # The TLS listener (None: not rendered) and whether devices may use the plain password listener.
+    tls: TlsMaterial | None = None
+    plain_listener: bool = True
 
     @property
     def password_file(self) -> str:
@@ -149,6 +185,7 @@ class RenderedPolicy:
     quarantined: tuple[str, ...]
     console_usernames: tuple[str, ...]
     skipped: tuple[str, ...] = field(default=())
+    tls: TlsMaterial | None = None  # written next to the other files (the config names them and their digest)
 
     def files(self) -> dict[str, str]:
         return {"mosquitto.conf": self.config, "passwd": self.passwd, "acl": self.acl}
@@ -166,7 +203,9 @@ def device_grants(client_id: str, status: str, *, rx_prefix: str, tx_prefix: str
     }
 
 
-def render_acl(*, cfg: BrokerConfig, console: Iterable[ConsoleIdentity], quarantined: Iterable[str]) -> str:
+def render_acl(
+    *, cfg: BrokerConfig, console: Iterable[ConsoleIdentity], quarantined: Iterable[str], denied: Iterable[str] = ()
+) -> str:
     rx, tx = cfg.rx_prefix, cfg.tx_prefix
     lines = [
         "# Fleetkeeper broker ACL, rendered from the database. Hand edits are undone by the reconcile job.",
@@ -193,7 +232,8 @@ def render_acl(*, cfg: BrokerConfig, console: Iterable[ConsoleIdentity], quarant
         else:
             raise PolicyError(f"unknown console identity role {identity.role!r}")
         lines.append("")
-    quarantined = sorted(quarantined)
+    denied = sorted(set(denied))
+    quarantined = sorted(set(quarantined) - set(denied))
     if quarantined:
         lines.append("# Quarantined devices: deny exactly the channels they lose (a deny wins over the patterns);")
         lines.append(
@@ -207,6 +247,17 @@ def render_acl(*, cfg: BrokerConfig, console: Iterable[ConsoleIdentity], quarant
         lines.append(f"user {client_id}")
         lines += [f"topic deny {tx}/{client_id}/{c}" for c in topics.QUARANTINE_DENIED_TX]
         lines += [f"topic deny {rx}/{client_id}/{c}" for c in topics.QUARANTINE_DENIED_RX]
+    if denied:
+        lines.append("")
+        lines.append(
+            "# Certificate identities cut off: every certificate they hold is revoked (or the device is off the"
+        )
+        lines.append(
+            "# broker). The CRL refuses new TLS handshakes; these denies stop a session that was already open."
+        )
+    for client_id in denied:
+        lines.append(f"user {client_id}")
+        lines += [f"topic deny {tx}/{client_id}/#", f"topic deny {rx}/{client_id}/#"]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -215,8 +266,41 @@ def render_passwd(entries: Iterable[tuple[str, str]]) -> str:
     return "".join(f"{username}:{stored}\n" for username, stored in entries)
 
 
+def render_tls_listener(cfg: BrokerConfig) -> str:
+    if cfg.tls is None:
+        return f"""
+# TLS listener (settings.MQTT_TLS_PORT = {cfg.tls_port}) turned off (settings.MQTT_TLS_LISTENER).
+"""
+    d = cfg.broker_dir
+    return f"""
+# TLS listener (settings.MQTT_TLS_PORT = {cfg.tls_port}): client certificates from the fleet's issuing CA, TLS 1.2+.
+# The certificate's CN (= the client id) is the username and the client id, so the ACL patterns above apply to it
+# and a certificate for one device cannot take over another's session. No password is checked on this listener.
+# Revoked certificates are refused from the CRL at the next handshake (docs/pki.md).
+# TLS material: {cfg.tls.content_digest()[:32]}
+listener {cfg.tls_port} {cfg.host}
+protocol mqtt
+cafile {d}/{TLS_CA_FILE}
+certfile {d}/{TLS_CERT_FILE}
+keyfile {d}/{TLS_KEY_FILE}
+crlfile {d}/{TLS_CRL_FILE}
+tls_version tlsv1.2
+require_certificate true
+use_identity_as_username true
+use_username_as_clientid true
+max_connections {cfg.max_connections}
+"""
+
+
 def render_config(cfg: BrokerConfig) -> str:
     run_as = f"user {cfg.run_as}\n" if cfg.run_as else ""
+    if cfg.plain_listener:
+        plain = f"""# Plain MQTT listener (settings.MQTT_HOST:MQTT_PORT): password devices and the console's identities.
+listener {cfg.port} {cfg.host}"""
+    else:
+        plain = f"""# Plain MQTT listener, loopback only: the console's own identities. Devices use the TLS listener
+# (settings.MQTT_PLAIN_LISTENER is off, so no device password is rendered).
+listener {cfg.port} 127.0.0.1"""
     return f"""# Fleetkeeper broker configuration, rendered by the console (manage.py render_broker_config).
 # Do not edit: the reconcile job rewrites it. docs/broker.md explains every choice.
 
@@ -258,16 +342,12 @@ connection_messages true
 log_timestamp true
 sys_interval 10
 
-# Plain MQTT listener (settings.MQTT_HOST:MQTT_PORT).
-listener {cfg.port} {cfg.host}
+{plain}
 protocol mqtt
 # The username becomes the client id: a credential is bound to its id, and no device can take over another's session.
 use_username_as_clientid true
 max_connections {cfg.max_connections}
-
-# --- TLS listener (settings.MQTT_TLS_PORT = {cfg.tls_port}): rendered here by the PKI work (issue: X.509 credentials)
-# with cafile, certfile, keyfile, crlfile, require_certificate and use_identity_as_username. Not opened yet.
-"""
+{render_tls_listener(cfg)}"""
 
 
 def policy_render(*, cfg: BrokerConfig, devices: Iterable[DeviceRow], console: list[ConsoleIdentity]) -> RenderedPolicy:
@@ -280,7 +360,7 @@ def policy_render(*, cfg: BrokerConfig, devices: Iterable[DeviceRow], console: l
     quarantined: list[str] = []
     skipped: list[str] = []
     for row in devices:
-        if row.status not in ENFORCED_STATUSES or not row.password_hash:
+        if row.status not in ENFORCED_STATUSES or not row.password_hash or not cfg.plain_listener:
             continue
         if row.client_id in console_names or not USERNAME_RE.match(row.client_id):
             skipped.append(row.client_id)
@@ -296,7 +376,12 @@ def policy_render(*, cfg: BrokerConfig, devices: Iterable[DeviceRow], console: l
         for c in others
     ]
     config = render_config(cfg)
-    acl = render_acl(cfg=cfg, console=console, quarantined=quarantined)
+    if cfg.tls is not None:
+        # Quarantine applies to certificate identities too (the same username), whether or not they have a password.
+        quarantined = sorted(set(quarantined) | set(cfg.tls.quarantined))
+    acl = render_acl(
+        cfg=cfg, console=console, quarantined=quarantined, denied=cfg.tls.denied if cfg.tls is not None else ()
+    )
     base_passwd = render_passwd(console_entries + device_entries)
     generation = hashlib.sha256("\0".join([config, acl, base_passwd]).encode()).hexdigest()[:24]
     probe_password = ""
@@ -319,6 +404,7 @@ def policy_render(*, cfg: BrokerConfig, devices: Iterable[DeviceRow], console: l
         quarantined=tuple(sorted(quarantined)),
         console_usernames=tuple(sorted(console_names)),
         skipped=tuple(skipped),
+        tls=cfg.tls,
     )
 
 
@@ -413,6 +499,17 @@ def validate_config(text: str, cfg: BrokerConfig) -> None:
     for key, value in required.items():
         if options.get(key) != value:
             raise PolicyError(f"broker config must say `{key} {value}`")
+    if "cafile" in options or "certfile" in options:
+        # The TLS listener must never accept a client without a certificate, nor one the CRL refuses.
+        for key in ("require_certificate", "use_identity_as_username", "crlfile", "tls_version"):
+            if key not in options:
+                raise PolicyError(f"the TLS listener must set `{key}`")
+        if options["require_certificate"] != "true" or options["use_identity_as_username"] != "true":
+            raise PolicyError(
+                "the TLS listener must say `require_certificate true` and `use_identity_as_username true`"
+            )
+        if options["tls_version"] not in ("tlsv1.2", "tlsv1.3"):
+            raise PolicyError("the TLS listener must require TLS 1.2 or newer")
 
 
 def validate(policy: RenderedPolicy, cfg: BrokerConfig) -> None:

@@ -29,7 +29,7 @@ def test_render_broker_config_writes_the_three_files(mqtt_test_settings):
 
 
 @pytest.mark.integration
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # run_broker (another process) commits the CAs it creates
 def test_run_broker_execs_mosquitto_with_the_rendered_config(mqtt_test_settings):
     from django.db import connection
 

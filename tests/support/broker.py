@@ -95,11 +95,14 @@ class MqttClient:
         password: str | None = None,
         protocol=mqtt.MQTTv5,
         host: str = "127.0.0.1",
+        tls: TlsFiles | None = None,
     ):
         self.port, self.host = port, host
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         if username is not None:
             self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set_context(tls.context())
         self.messages: list[mqtt.MQTTMessage] = []
         self.connect_reason: int | None = None
         self.disconnect_reason: int | None = None
@@ -134,6 +137,21 @@ class MqttClient:
         self.puback[mid] = reason.value
 
     # actions
+    def connect_outcome(self, timeout: float = 5.0) -> str:
+        """For TLS refusals, which come as a failed handshake, a TLS alert or a closed socket instead of a CONNACK:
+        "connected", or "refused: <why>"."""
+        try:
+            code = self.connect(timeout=timeout)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            return f"refused: {type(exc).__name__}: {exc}"
+        if code != 0:
+            return f"refused: CONNACK {code}"
+        # With TLS 1.3 the client finishes its handshake before the server has checked the client certificate: a
+        # refusal then arrives as an alert right after. Give it a moment to arrive before calling it connected.
+        if self._disconnected.wait(0.2):
+            return f"refused: disconnected ({self.disconnect_reason})"
+        return "connected"
+
     def connect(self, timeout: float = 5.0) -> int:
         """The CONNACK reason code (0 = accepted); raises if the broker sends nothing."""
         self.client.connect(self.host, self.port, keepalive=30)
@@ -190,6 +208,36 @@ class MqttClient:
                 self.client.disconnect()
         finally:
             self.client.loop_stop()
+
+
+class TlsFiles:
+    """A client certificate, its key and the CA chain to trust, as an SSL context for paho (TLS 1.2 or newer)."""
+
+    def __init__(self, *, ca_chain: str, cert: str | None = None, key: str | None = None, directory: Path | str):
+        import os
+        import uuid
+
+        self.ca_chain = ca_chain
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stem = uuid.uuid4().hex[:8]
+        self.cert_path = self.key_path = None
+        if cert is not None and key is not None:
+            self.cert_path = self.dir / f"{stem}.crt"
+            self.key_path = self.dir / f"{stem}.key"
+            self.cert_path.write_text(cert)
+            fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(key)
+
+    def context(self):
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=self.ca_chain)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_path is not None:
+            context.load_cert_chain(self.cert_path, self.key_path)
+        return context
 
 
 def raw_connect_code(

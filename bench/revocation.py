@@ -1,0 +1,307 @@
+"""Revocation figures (design.md, "Performance targets"; issue 5):
+
+from the API call returning to the broker dropping the device's live connection, over N revocations one after the
+other, p50 and p99, with a real Celery worker and a real Mosquitto:
+  * 10,000 devices in the fleet and 2,000 connected (target p99 < 250 ms);
+  * 100,000 devices in the fleet (target p99 < 500 ms);
+and the time from the API call returning to the revocation being *verified* (docs/revocation.md).
+
+The revoked devices are connected from this process (raw MQTT sockets, one selector: the drop is the moment the
+broker closes the socket); the rest of the connected devices live in a `bench.hold` process. The API call goes
+through DRF's test client in this process (the view, the service, the commit and the enqueue are the production
+code; only the HTTP server is left out).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .broker import Broker, record
+from .mqtt_raw import close_all, connect_many
+
+PREFIX = "device-r"
+
+
+def rev_client_id(n: int) -> str:
+    return f"{PREFIX}{n:06d}"
+
+
+def rev_secret(n: int) -> str:
+    return f"rev-secret-{n:06d}-0123456789abcdefghijklmnopqrstuvwx"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Redis:
+    """A throwaway redis-server for the Celery queue and the broker lock."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="fleetkeeper-bench-redis-")
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+            + ["--save", "", "--appendonly", "no", "--dir", self.dir, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Worker:
+    """`celery -A fleet worker --pool=solo` against the bench database, broker and Redis."""
+
+    def __init__(self, redis_url: str):
+        self.log_path = Path(tempfile.mkstemp(prefix="fleetkeeper-bench-worker-", suffix=".log")[1])
+        self._log = self.log_path.open("w")
+        env = {**os.environ, "REDIS_URL": redis_url, "CELERY_BROKER_URL": redis_url, "LOG_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "fleet", "worker", "--pool=solo", "--loglevel=INFO"]
+            + ["--without-gossip", "--without-mingle", "--hostname", f"bench-{os.getpid()}@%h"],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while " ready." not in self.log_path.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("celery worker did not start:\n" + self.log_path.read_text(errors="replace"))
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+        if not os.environ.get("FLEET_BENCH_KEEP"):
+            self.log_path.unlink(missing_ok=True)
+
+
+def top_up_fleet(total: int, iterations: int) -> None:
+    """Exactly ``total`` enforced devices: this benchmark's own, created as needed; the other benchmarks' devices
+    are decommissioned (they stay in the table but leave the broker policy)."""
+    from django.utils import timezone
+
+    from devices.models import Device
+    from security.brokers.render import hash_secret
+    from security.models import DeviceCredential
+
+    Device.objects.exclude(client_id__startswith=PREFIX).exclude(status="decommissioned").update(
+        status="decommissioned"
+    )
+    have = Device.objects.filter(client_id__startswith=PREFIX).count()
+    now = timezone.now()
+    for chunk in range(have, total, 10_000):
+        end = min(total, chunk + 10_000)
+        Device.objects.bulk_create([Device(client_id=rev_client_id(n)) for n in range(chunk, end)], batch_size=5000)
+        pks = dict(
+            Device.objects.filter(
+                client_id__gte=rev_client_id(chunk), client_id__lte=rev_client_id(end - 1)
+            ).values_list("client_id", "pk")
+        )
+        DeviceCredential.objects.bulk_create(
+            [
+                DeviceCredential(
+                    device_id=pks[rev_client_id(n)],
+                    password_hash=hash_secret(rev_secret(n), iterations=iterations),
+                    issued_at=now,
+                )
+                for n in range(chunk, end)
+            ],
+            batch_size=5000,
+        )
+
+
+def _wait_closed(sock: socket.socket, timeout: float) -> float | None:
+    """Monotonic time at which the broker closed this connection (EOF or reset), or None on timeout."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    data = sock.recv(4096)
+                except OSError:
+                    return time.monotonic()
+                if not data:
+                    return time.monotonic()
+    return None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def bench_revocations(*, cfg, fleet: int, connected: int, revocations: int, target_ms: float, support) -> None:
+    from django.conf import settings
+    from rest_framework.test import APIClient
+
+    from security.models import DeviceAction
+
+    print(
+        f"\n[revocation] {fleet:,} devices in the fleet, {connected:,} connected, {revocations} revocations",
+        flush=True,
+    )
+    top_up_fleet(fleet, settings.MQTT_PASSWORD_ITERATIONS)
+    from security.services import enforcement_apply
+
+    broker = Broker(cfg)
+    from security.brokers import get_adapter
+    from security.services import policy_desired
+
+    get_adapter().write(policy_desired())
+    broker.start()
+    enforcement_apply(coalesce=False)  # settle anything pending from the set-up
+    # The devices to revoke are the last ones of the fleet; they are held here, the others in bench.hold.
+    victims = list(range(fleet - revocations, fleet))
+    others = max(0, connected - revocations)
+    holder = None
+    if others:
+        holder = subprocess.Popen(
+            [sys.executable, "-m", "bench.revocation", "hold", str(cfg.port), "0", str(others)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    # One handshake at a time keeps the sockets in the order of the devices.
+    held = connect_many(cfg.port, [(rev_client_id(n), rev_secret(n)) for n in victims], concurrency=1)
+    try:
+        if holder is not None:
+            ok = int(holder.stdout.readline().split()[1])
+            assert ok == others, f"only {ok} of {others} background devices connected"
+        assert held.ok == len(victims), f"only {held.ok} of {len(victims)} devices to revoke connected"
+        sockets = list(held.sockets)
+        client = APIClient(SERVER_NAME="127.0.0.1", HTTP_HOST="127.0.0.1")
+        client.force_authenticate(user=support)
+        drops, verified = [], []
+        missed = 0
+        for i, n in enumerate(victims):
+            sock = sockets[i]
+            response = client.post(f"/api/v1/devices/{rev_client_id(n)}/revoke/", {"reason": "bench"}, format="json")
+            returned = time.monotonic()
+            assert response.status_code == 202, response.content
+            action_id = response.json()["id"]
+            closed = _wait_closed(sock, timeout=10)
+            if closed is None:
+                missed += 1
+            else:
+                drops.append((closed - returned) * 1000)
+            deadline = time.monotonic() + 30
+            while DeviceAction.objects.filter(pk=action_id).values_list("state", flat=True)[0] != "verified":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"revocation {i} not verified after 30 s")
+                time.sleep(0.002)
+            verified.append((time.monotonic() - returned) * 1000)
+        record(
+            f"revocation: API call returned -> connection dropped, p50 ({fleet:,} devices, {connected:,} connected)",
+            statistics.median(drops),
+            "ms",
+        )
+        record(
+            f"revocation: API call returned -> connection dropped, p99 ({fleet:,} devices, {connected:,} connected)",
+            _percentile(drops, 0.99),
+            "ms",
+            target=target_ms,
+            note=f"{len(drops)} of {revocations} revocations; max {max(drops):.0f} ms; {missed} not dropped within "
+            "10 s",
+        )
+        record(
+            f"revocation: API call returned -> verified, p50/p99 ({fleet:,} devices)",
+            statistics.median(verified),
+            "ms",
+            note=f"p99 {_percentile(verified, 0.99):.0f} ms",
+        )
+        if holder is not None:
+            holder.stdin.write("check\n")
+            holder.stdin.flush()
+            dropped = int(holder.stdout.readline().split()[1])
+            print(f"  ({dropped} of {others:,} other connected devices were dropped by the reloads)", flush=True)
+    finally:
+        close_all(held.sockets)
+        if holder is not None:
+            holder.stdin.close()
+            holder.wait(timeout=30)
+        broker.stop()
+
+
+def run(*, fleet: int, connected: int, revocations: int, large_fleet: int, large_revocations: int) -> None:
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+
+    from fleet.celery import app
+    from security.brokers import broker_config
+
+    redis = Redis()
+    settings.REDIS_URL = settings.CELERY_BROKER_URL = redis.url
+    app.conf.broker_url = redis.url
+    cfg = broker_config()
+    Path(cfg.broker_dir).mkdir(parents=True, exist_ok=True)
+    support, _ = get_user_model().objects.get_or_create(username="bench-support")
+    support.groups.add(Group.objects.get(name="support"))
+    worker = Worker(redis.url)
+    try:
+        bench_revocations(
+            cfg=cfg, fleet=fleet, connected=connected, revocations=revocations, target_ms=250, support=support
+        )
+        if large_fleet:
+            bench_revocations(
+                cfg=cfg,
+                fleet=large_fleet,
+                connected=connected,
+                revocations=large_revocations,
+                target_ms=500,
+                support=support,
+            )
+    finally:
+        worker.stop()
+        redis.stop()
+
+
+def hold() -> None:
+    """`python -m bench.revocation hold PORT START COUNT`: keep this benchmark's devices connected in another process
+    (like bench.hold, with this benchmark's client ids); prints "connected <ok> <refused>", answers "check"."""
+    from .mqtt_raw import count_closed
+
+    port, start, count = (int(v) for v in sys.argv[2:5])
+    result = connect_many(port, [(rev_client_id(n), rev_secret(n)) for n in range(start, start + count)])
+    print(f"connected {result.ok} {result.refused}", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "check":
+            print(f"closed {count_closed(result.sockets)}", flush=True)
+    close_all(result.sockets)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["hold"]:
+    hold()
