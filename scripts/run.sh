@@ -81,7 +81,7 @@ else
 fi
 
 processes+=(broker)
-broker_note="Mosquitto: $MQTT_HOST:$MQTT_PORT (MQTT; TLS port $MQTT_TLS_PORT when enabled), files in $MQTT_BROKER_DIR/"
+broker_note="Mosquitto: $MQTT_HOST:$MQTT_PORT (MQTT), $MQTT_TLS_PORT (TLS, client certificates); files in $MQTT_BROKER_DIR/, log in $VAR_DIR/mosquitto.log"
 
 # The simulated fleet (design.md: on by default in make run). FLEET_SIMULATOR=0 leaves it out.
 if [ "${FLEET_SIMULATOR:-1}" != "0" ]; then

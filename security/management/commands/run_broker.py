@@ -58,6 +58,11 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--no-reconcile", action="store_true", help="Do not trigger a reconcile after start.")
+        parser.add_argument(
+            "--log-file",
+            help="Append Mosquitto's own log (every connection and subscription) to this file instead of stdout; "
+            "make run uses it so the broker does not drown the other processes' output.",
+        )
 
     def handle(self, *args, **options):
         binary = shutil.which(settings.MQTT_BROKER_BINARY) or shutil.which("mosquitto", path="/usr/sbin:/usr/bin")
@@ -89,4 +94,11 @@ class Command(BaseCommand):
         stdbuf = shutil.which("stdbuf")
         if stdbuf:  # line-buffered logs under a process manager (honcho); stdbuf execs Mosquitto, same pid
             argv = [stdbuf, "-oL", *argv]
+        if options["log_file"]:
+            self.stdout.write(f"Mosquitto's log: {options['log_file']}")
+            sys.stdout.flush()
+            log_fd = os.open(options["log_file"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
         os.execv(argv[0], argv)  # noqa: S606 - exec with an argument list, no shell
