@@ -26,6 +26,10 @@ case "${1:-web}" in
         shift || true
         exec celery -A fleet worker --loglevel "${CELERY_LOG_LEVEL:-info}" "$@"
         ;;
+    consumer)
+        shift || true
+        exec python manage.py consume "$@"
+        ;;
     beat)
         shift || true
         exec celery -A fleet beat --loglevel "${CELERY_LOG_LEVEL:-info}" --scheduler django "$@"
