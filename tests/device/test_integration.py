@@ -357,3 +357,47 @@ def test_certificate_renewal_firmware_offers_and_config_round_trip_through_the_b
         answered["cfg-1"]["status"] == "rejected" and "older than the running revision 2" in answered["cfg-1"]["detail"]
     )
     assert configs == [({"interval": 30}, 2)]
+
+
+def test_a_device_with_a_console_signed_certificate_connects_over_tls_and_publishes(
+    mosquitto, operator, console, tmp_path
+):
+    """The certificate path end to end, as firmware would do it: the device library makes the key and the CSR
+    (the key never leaves it), the console signs the CSR, and the library connects to the TLS listener with
+    that certificate and no secret; the console receives its telemetry."""
+    from fleetkeeper_device import certificates
+    from fleetkeeper_device.credentials import CredentialSet, MemoryCredentialStore
+    from fleetkeeper_device.tls import TLSOptions
+    from security.pki import services as pki
+
+    row = DeviceFactory(client_id="device-tls-1", firmware_version="3.0.0")
+    request = certificates.make_key_and_csr("device-tls-1")
+    issued = pki.certificate_issue_from_csr(actor=operator, device=row, csr_pem=request.csr_pem)
+    apply_now()  # the broker loads the policy (and the CA chain it trusts) with this device in it
+    chain_file = tmp_path / "chain.pem"
+    chain_file.write_text(pki.ca_chain_pem())
+
+    device = DeviceClient(
+        "device-tls-1",
+        host="localhost",  # the name in the broker's server certificate
+        port=settings.MQTT_TLS_PORT,
+        credentials=MemoryCredentialStore(
+            CredentialSet(
+                certificate_pem=issued.certificate_pem,
+                private_key_pem=request.private_key_pem,
+                chain_pem=issued.chain_pem,
+            )
+        ),
+        tls=TLSOptions(ca_file=str(chain_file)),
+        firmware_version="3.0.0",
+        backoff=Backoff(initial=0.2, maximum=1.0),
+    )
+    device.start()
+    try:
+        assert device.wait_connected(5), device.stats
+        assert device.publish_telemetry({"temperature": 19.0})
+        assert console.wait_for(lambda ms: any(m.topic == "tx/device-tls-1/telemetry" for m in ms), timeout=3)
+        (telemetry,) = messages_on(console, "tx/device-tls-1/telemetry")
+        assert telemetry["values"] == {"temperature": 19.0}
+    finally:
+        device.stop()
