@@ -80,6 +80,21 @@ def _name(common_name: str, organisation: str) -> x509.Name:
     return x509.Name(attrs)
 
 
+def _ca_key_usage() -> x509.KeyUsage:
+    """What a CA key may do: sign certificates and CRLs, nothing else."""
+    return x509.KeyUsage(
+        digital_signature=False,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def _ski(public_key) -> x509.SubjectKeyIdentifier:
     return x509.SubjectKeyIdentifier.from_public_key(public_key)
 
@@ -103,20 +118,7 @@ def root_ca_create(*, common_name: str, organisation: str = "", days: int = 3650
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_ca_key_usage(), critical=True)
         .add_extension(_ski(key.public_key()), critical=False)
         .sign(key, signing_hash(key))
     )
@@ -139,20 +141,7 @@ def issuing_ca_create(
         .not_valid_before(start)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_ca_key_usage(), critical=True)
         .add_extension(_ski(key.public_key()), critical=False)
         .add_extension(_aki(root_cert), critical=False)
         .sign(root_key, signing_hash(root_key))

@@ -402,6 +402,20 @@ def certificate_issue_from_csr(*, actor, device: Device, csr_pem: str, days: int
         csr_check(csr, client_id=device.client_id)
     except CsrError as exc:
         raise ValidationError({"csr": [str(exc)]}) from exc
+    record, issuing = _sign_and_store(
+        actor=actor,
+        device=device,
+        public_key=csr.public_key(),
+        days=days,
+        source=DeviceCertificate.Source.CSR,
+        action="certificate.issue",
+    )
+    return IssuedCertificate(record=record, certificate_pem=record.certificate_pem, chain_pem=ca_chain_pem(issuing))
+
+
+def _sign_and_store(*, actor, device: Device, public_key, days: int, source: str, action: str):
+    """Sign a device certificate for ``public_key`` with the issuing CA and record it (audited), under a row lock
+    on the device so a concurrent revoke cannot slip between the check and the issue."""
     issuing = pki_ensure()
     with transaction.atomic():
         device = Device.objects.select_for_update().get(pk=device.pk)
@@ -410,18 +424,11 @@ def certificate_issue_from_csr(*, actor, device: Device, csr_pem: str, days: int
             issuer_key=_issuing_key(issuing),
             issuer_cert=pki_ca.load_cert(issuing.certificate_pem),
             client_id=device.client_id,
-            public_key=csr.public_key(),
+            public_key=public_key,
             days=days,
         )
-        record = _store(
-            actor=actor,
-            device=device,
-            issuing=issuing,
-            leaf=leaf,
-            source=DeviceCertificate.Source.CSR,
-            action="certificate.issue",
-        )
-    return IssuedCertificate(record=record, certificate_pem=record.certificate_pem, chain_pem=ca_chain_pem(issuing))
+        record = _store(actor=actor, device=device, issuing=issuing, leaf=leaf, source=source, action=action)
+    return record, issuing
 
 
 def certificate_factory_bundle(*, actor, device: Device, days: int | None = None) -> IssuedCertificate:
@@ -429,26 +436,15 @@ def certificate_factory_bundle(*, actor, device: Device, days: int | None = None
     never stored. Prefer device-side CSRs wherever the device can make one."""
     _authorise(actor, ISSUE_PERMISSION)
     days = _lifetime(days)
-    issuing = pki_ensure()
     key = pki_ca.new_ec_key()
-    with transaction.atomic():
-        device = Device.objects.select_for_update().get(pk=device.pk)
-        _device_can_hold_certificate(device)
-        leaf = device_cert_sign(
-            issuer_key=_issuing_key(issuing),
-            issuer_cert=pki_ca.load_cert(issuing.certificate_pem),
-            client_id=device.client_id,
-            public_key=key.public_key(),
-            days=days,
-        )
-        record = _store(
-            actor=actor,
-            device=device,
-            issuing=issuing,
-            leaf=leaf,
-            source=DeviceCertificate.Source.FACTORY,
-            action="certificate.factory_issue",
-        )
+    record, issuing = _sign_and_store(
+        actor=actor,
+        device=device,
+        public_key=key.public_key(),
+        days=days,
+        source=DeviceCertificate.Source.FACTORY,
+        action="certificate.factory_issue",
+    )
     return IssuedCertificate(
         record=record,
         certificate_pem=record.certificate_pem,
