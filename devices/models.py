@@ -68,6 +68,8 @@ class Device(models.Model):
         ordering = ["client_id"]
         indexes = [
             models.Index(fields=["status", "client_id"]),
+            # The list filtered by model and status, sorted by last seen (the dashboard's slowest query).
+            models.Index(fields=["model", "status", "last_seen"]),
             models.Index(fields=["last_seen"]),
             models.Index(fields=["firmware_version"]),
             models.Index(fields=["name"]),
