@@ -473,3 +473,235 @@ class DeviceCertificate(models.Model):
         if self.status == self.Status.REVOKED:
             return "revoked"
         return "expired" if self.expired else "active"
+
+
+# --- credential rotation (issue 7): policies, one row per device rotation, campaigns in waves -----------------
+
+
+class RotationPolicy(models.Model):
+    """How often credentials are rotated and how carefully. One fleet default; a policy for a device model or a
+    group wins over it (group before model). Its schedule is a django-celery-beat entry operators can change."""
+
+    class Scope(models.TextChoices):
+        FLEET = "fleet", "Fleet default"
+        MODEL = "model", "Device model"
+        GROUP = "group", "Device group"
+
+    class OnUnconfirmed(models.TextChoices):
+        KEEP_AND_ALERT = "keep_alert", "Keep the old credential and alert"
+        REVOKE = "revoke", "Revoke the device"
+
+    name = models.CharField(max_length=100, unique=True)
+    scope = models.CharField(max_length=16, choices=Scope.choices, default=Scope.FLEET)
+    device_model = models.ForeignKey(
+        "devices.DeviceModel", null=True, blank=True, on_delete=models.CASCADE, related_name="rotation_policies"
+    )
+    group = models.ForeignKey(
+        "devices.DeviceGroup", null=True, blank=True, on_delete=models.CASCADE, related_name="rotation_policies"
+    )
+    max_age_days = models.PositiveIntegerField(default=90, help_text="Rotate a credential older than this.")
+    grace_hours = models.PositiveIntegerField(
+        default=72, help_text="How long an unconfirmed rotation waits (device offline) before it counts as failed."
+    )
+    batch_size = models.PositiveIntegerField(default=500, help_text="Devices started per scheduled run.")
+    switches_per_minute = models.PositiveIntegerField(
+        default=6000, help_text="Broker switches per minute, so a batch does not become a reconnect storm."
+    )
+    on_unconfirmed = models.CharField(
+        max_length=16, choices=OnUnconfirmed.choices, default=OnUnconfirmed.KEEP_AND_ALERT
+    )
+    enabled = models.BooleanField(default=True)
+    periodic_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["scope", "name"]
+        verbose_name = "rotation policy"
+        verbose_name_plural = "rotation policies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["scope"], condition=models.Q(scope="fleet"), name="security_one_fleet_rotation_policy"
+            ),
+            models.UniqueConstraint(
+                fields=["device_model"], condition=models.Q(scope="model"), name="security_one_policy_per_model"
+            ),
+            models.UniqueConstraint(
+                fields=["group"], condition=models.Q(scope="group"), name="security_one_policy_per_group"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RotationCampaign(models.Model):
+    """A fleet-wide rotation run in waves, a small canary wave first. The device ids are fixed when it is created;
+    after each wave its confirmation and reconnect rates are compared with the fleet's baseline and the campaign
+    pauses itself when they drop (``pause_reason``); an operator resumes or aborts."""
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Waiting for a worker"
+        RUNNING = "running", "Running"
+        PAUSED = "paused", "Paused"
+        COMPLETED = "completed", "Completed"
+        ABORTED = "aborted", "Aborted"
+
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=16, default="secret", help_text="secret or certificate")
+    filters = models.JSONField(default=dict, blank=True)
+    reason = models.TextField(blank=True)
+    device_ids = models.JSONField(default=list, blank=True)
+    total = models.PositiveIntegerField(default=0)
+    canary_size = models.PositiveIntegerField(default=10)
+    wave_size = models.PositiveIntegerField(default=1000)
+    min_confirm_ratio = models.FloatField(
+        default=0.9, help_text="Pause when a wave's confirmation rate falls below this share of the baseline."
+    )
+    min_reconnect_ratio = models.FloatField(
+        default=0.9, help_text="Pause when a wave's reconnect rate falls below this share of the baseline."
+    )
+    wave_timeout_seconds = models.PositiveIntegerField(
+        default=300, help_text="How long a wave waits for confirmations before it is judged."
+    )
+    baseline = models.JSONField(default=dict, blank=True, help_text="The fleet's rates the waves are compared with.")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING, db_index=True)
+    pause_reason = models.TextField(blank=True)
+    policy = models.ForeignKey(RotationPolicy, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_by_label = models.CharField(max_length=150, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        verbose_name = "rotation campaign"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RotationWave(models.Model):
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        PASSED = "passed", "Passed"
+        HELD = "held", "Held (campaign paused)"
+        ABORTED = "aborted", "Aborted"
+
+    campaign = models.ForeignKey(RotationCampaign, on_delete=models.CASCADE, related_name="waves")
+    number = models.PositiveIntegerField(help_text="0 is the canary wave.")
+    device_ids = models.JSONField(default=list, blank=True)
+    size = models.PositiveIntegerField(default=0)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    result = models.JSONField(default=dict, blank=True, help_text="Counts and rates when it was judged.")
+
+    class Meta:
+        ordering = ["campaign", "number"]
+        constraints = [models.UniqueConstraint(fields=["campaign", "number"], name="security_wave_number_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.campaign} wave {self.number}"
+
+
+class CredentialRotation(models.Model):
+    """One device's rotation, step by step: a durable row with attempts and outcomes (docs/rotation.md).
+
+    secret: pending (new credential made, hash only) -> delivered (sent on rx/<id>/credentials) -> confirmed (the
+    device acked on tx/<id>/ack) -> switched (the broker holds only the new credential) -> completed (the device
+    reconnected with it). certificate: delivered (certificate_renew sent) -> the device's CSR signed and sent ->
+    confirmed -> completed (the old certificate revoked once its grace ends). failed: never confirmed within the
+    grace, or the device fell back to its old secret; cancelled: superseded or the device left the fleet.
+    At most one open rotation per device (a database constraint): a retry never rotates a device twice."""
+
+    class Kind(models.TextChoices):
+        SECRET = "secret", "Secret"
+        CERTIFICATE = "certificate", "Certificate"
+
+    class Trigger(models.TextChoices):
+        SCHEDULE = "schedule", "Schedule"
+        MANUAL = "manual", "Manual"
+        CAMPAIGN = "campaign", "Campaign"
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending delivery"
+        DELIVERED = "delivered", "Delivered, waiting for the device"
+        CONFIRMED = "confirmed", "Confirmed by the device"
+        SWITCHED = "switched", "Broker switched"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    OPEN_STATES = ("pending", "delivered", "confirmed", "switched")
+
+    device = models.ForeignKey(
+        "devices.Device", null=True, blank=True, on_delete=models.SET_NULL, related_name="rotations"
+    )
+    client_id = models.CharField(max_length=128, db_index=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.SECRET)
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.MANUAL)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING, db_index=True)
+    command_id = models.CharField(max_length=64, unique=True, help_text="Id of the last message sent for it.")
+    pending_hash = models.CharField(
+        max_length=255, blank=True, help_text="Mosquitto form of the new secret until the broker switches to it."
+    )
+    policy = models.ForeignKey(RotationPolicy, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    campaign = models.ForeignKey(
+        RotationCampaign, null=True, blank=True, on_delete=models.SET_NULL, related_name="rotations"
+    )
+    wave = models.ForeignKey(RotationWave, null=True, blank=True, on_delete=models.SET_NULL, related_name="rotations")
+    old_certificate = models.ForeignKey(
+        DeviceCertificate, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    new_certificate = models.ForeignKey(
+        DeviceCertificate, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    attempts = models.PositiveIntegerField(default=0, help_text="Deliveries so far.")
+    last_error = models.TextField(blank=True)
+    history = models.JSONField(default=list, blank=True, help_text="[{at, step, outcome, detail}], oldest first.")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_by_label = models.CharField(max_length=150, blank=True)
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated = models.DateTimeField(auto_now=True)
+    deadline = models.DateTimeField(null=True, blank=True, help_text="End of the grace period.")
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    confirmed_at = models.DateTimeField(null=True, blank=True)
+    switched_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        verbose_name = "credential rotation"
+        indexes = [
+            models.Index(fields=["state", "id"]),
+            models.Index(fields=["client_id", "id"]),
+            models.Index(fields=["campaign", "state"]),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["device"],
+                condition=models.Q(state__in=["pending", "delivered", "confirmed", "switched"]),
+                name="security_one_open_rotation_per_device",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} rotation of {self.client_id} ({self.state})"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in self.OPEN_STATES

@@ -48,8 +48,11 @@ except ImportError:  # pragma: no cover - the standard library does the same job
     _loads = json.loads
     _DECODE_ERRORS = (ValueError, RecursionError)
 
-TELEMETRY, STATUS, ACK = topics.TX_TELEMETRY, topics.TX_STATUS, topics.TX_ACK
-CHANNELS = (TELEMETRY, STATUS, ACK)
+TELEMETRY, STATUS, ACK, CSR = topics.TX_TELEMETRY, topics.TX_STATUS, topics.TX_ACK, topics.TX_CSR
+CHANNELS = (TELEMETRY, STATUS, ACK, CSR)
+# Answers to console messages (acks, CSRs) are handed, decoded, to the rotation inbox once per batch; at most this
+# many wait at a time (a device flooding acks cannot grow memory: the excess is counted and dropped).
+COMMAND_REPLIES_MAX = 50_000
 LOG_TOPIC = "$SYS/broker/log/#"
 SUBSCRIBE_LOG = "$SYS/broker/log/M/subscribe"
 DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
@@ -114,6 +117,7 @@ class Stats:
     queued: int = 0
     last_batch_ms: float = 0.0
     errors: int = 0
+    replies_dropped: int = 0
     broker_dropped: int = 0
     first_message_at: float = 0.0
     last_batch_at: float = 0.0
@@ -156,6 +160,7 @@ class Consumer:
         self._current_since = 0.0
         self._topics: dict = {}
         self.log_lines: deque = deque(maxlen=100_000)
+        self.replies: deque = deque()  # (client_id, channel, message) for security.rotation.inbox
         self.stats = Stats()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -269,7 +274,7 @@ class Consumer:
     def _run(self) -> None:
         last_report = 0.0
         try:
-            while not self._stop.is_set() or self._current_count or self.log_lines:
+            while not self._stop.is_set() or self._current_count or self.log_lines or self.replies:
                 self._wake.wait(self.flush_seconds / 4)
                 self._wake.clear()
                 try:
@@ -282,7 +287,7 @@ class Consumer:
                 if time.monotonic() - last_report > 2.0:
                     last_report = time.monotonic()
                     self._report()
-                if self._stop.is_set() and not self._current_count and not self.log_lines:
+                if self._stop.is_set() and not self._current_count and not self.log_lines and not self.replies:
                     break
         finally:
             if self.pending.activity:
@@ -304,6 +309,8 @@ class Consumer:
                 lines.append(self.log_lines.popleft())
             self.monitor.process(lines)
             self.stats.log_lines += len(lines)
+        if self.replies:
+            self._deliver_replies()
         # Full batches while busy (the per-batch cost is per device, not per message); a partial batch once its
         # oldest message has waited DETECTION_FLUSH_SECONDS (or when stopping).
         if self._current_count and (
@@ -329,6 +336,14 @@ class Consumer:
         if not self._current_count:
             self.stats.lag_seconds = 0.0
         return done
+
+    def _deliver_replies(self) -> None:
+        from security.rotation.inbox import device_replies_received
+
+        replies = []
+        while self.replies:
+            replies.append(self.replies.popleft())
+        device_replies_received(replies)
 
     def _report(self) -> None:
         stats = self.stats.as_dict()
@@ -398,6 +413,10 @@ class Consumer:
             else:
                 if channel == STATUS:
                     device.status = message
+                elif len(self.replies) < COMMAND_REPLIES_MAX:  # ack or csr: the rotation inbox's business
+                    self.replies.append((client_id, channel, message))
+                else:
+                    self.stats.replies_dropped += 1
         if reason:
             device.malformed += 1
             device.malformed_reason = reason
