@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="10x smaller fleets (a smoke run, not the targets)")
     parser.add_argument(
         "--only",
-        choices=["broker", "dashboard", "revocation", "ingest"],
+        choices=["broker", "dashboard", "revocation", "ingest", "rotation"],
         action="append",
         help="run only these groups of figures (repeatable); default: all",
     )
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "--revocation-large-fleet", type=int, default=100_000, help="second revocation run at this size (0: skip)"
     )
     parser.add_argument("--revocation-large-count", type=int, default=200)
+    parser.add_argument("--rotation-devices", type=int, default=10_000, help="devices rotated (all connected)")
     parser.add_argument(
         "--compare-iterations",
         type=int,
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         args.devices, args.stall_fleet, args.connected, args.reconnect_fleet = 10_000, 1_000, 200, 1_000
         args.revocations, args.revocation_fleet, args.revocation_large_fleet = 50, 1_000, 10_000
         args.revocation_large_count = 20
+        args.rotation_devices = 1_000
 
     # Thousands of sockets in this process and in the broker it starts.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = max(args.connected, args.reconnect_fleet) + 1000
+    needed = max(args.connected, args.reconnect_fleet, args.rotation_devices) + 1000
     if soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(needed, soft)), hard))
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import broker, dashboard
 
-    selected = set(args.only or ["broker", "dashboard", "revocation", "ingest"])
+    selected = set(args.only or ["broker", "dashboard", "revocation", "ingest", "rotation"])
     if "ingest" in selected:  # first: its own devices, its own broker, before the fleets grow
         from . import ingest
 
@@ -110,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             large_fleet=args.revocation_large_fleet,
             large_revocations=args.revocation_large_count,
         )
+    if "rotation" in selected:  # after revocation: it decommissions the other benchmarks' devices too
+        from . import rotation
+
+        rotation.run(devices=args.rotation_devices)
     results = broker.RESULTS
     print("\nSummary")
     failed = [r for r in results if r["verdict"] == "FAIL"]

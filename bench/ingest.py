@@ -187,7 +187,47 @@ def _child_bare(replica: int) -> None:
     _wait_idle(lambda: state["count"], lambda: state["last"])
     client.disconnect()
     client.loop_stop()
-    print(json.dumps({"count": state["count"], "first": state["first"], "last": state["last"]}), flush=True)
+    print(
+        json.dumps({"count": state["count"], "first": state["first"], "last": state["last"], "cpu": _cpu_seconds()}),
+        flush=True,
+    )
+
+
+def _child_lean(replica: int) -> None:
+    """Not a target, a ceiling: the consumer's own MQTT client (security/detection/wire.py) that only counts, to
+    show how fast the broker delivers to one and to two subscribers on this machine."""
+    from django.conf import settings
+
+    from security.brokers import consumer_usernames
+    from security.detection.consumer import Consumer
+    from security.detection.wire import Subscriber
+
+    state = {"count": 0, "first": 0.0, "last": 0.0}
+
+    def on_publishes(publishes):
+        now = time.time()
+        if not state["count"]:
+            state["first"] = now
+        state["count"] += len(publishes)
+        state["last"] = now
+
+    username = consumer_usernames()[replica - 1]
+    subscriber = Subscriber(
+        host=settings.MQTT_HOST,
+        port=settings.MQTT_PORT,
+        username=username,
+        password=settings.MQTT_CONSUMER_PASSWORD,
+        subscriptions=Consumer.subscriptions(),
+        on_publishes=on_publishes,
+    ).start()
+    subscriber.wait_subscribed(10)
+    print("ready", flush=True)
+    _wait_idle(lambda: state["count"], lambda: state["last"])
+    subscriber.stop()
+    print(
+        json.dumps({"count": state["count"], "first": state["first"], "last": state["last"], "cpu": _cpu_seconds()}),
+        flush=True,
+    )
 
 
 def _child_consumer(replica: int) -> None:
@@ -219,14 +259,23 @@ def _child_consumer(replica: int) -> None:
                 "first": consumer.stats.first_message_at or first_received or marks["first"],
                 "last": consumer.stats.last_batch_at or marks["last"],
                 "stats": consumer.stats.as_dict(),
+                "cpu": _cpu_seconds(),
+                "client": consumer.client_kind,
             }
         ),
         flush=True,
     )
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 2)
+
+
 def _subscribed(consumer) -> bool:
-    return all(c.is_connected() for c in consumer._clients)
+    return consumer.connected()
 
 
 def _wait_idle(count, last, received=None) -> float:
@@ -252,18 +301,26 @@ def _collect(procs: list[subprocess.Popen]) -> list[dict]:
     return results
 
 
-def _run_once(label: str, role: str, replicas: int, env: dict, sockets, buffers, total: int) -> dict:
+def _run_once(label: str, role: str, replicas: int, env: dict, sockets, buffers, total: int, broker) -> dict:
     procs = [_spawn(role, r, env) for r in range(1, replicas + 1)]
     for proc in procs:
         _wait_ready(proc)
+    broker_cpu = broker.cpu_seconds()
     sent_in = send_all(sockets, buffers)
     results = _collect(procs)
+    broker_cpu = broker.cpu_seconds() - broker_cpu
+    if broker.cfg.debug_log:  # DETECTION_DENIED_PUBLISHES: what the broker's debug log costs in bytes
+        debug_log = Path(broker.cfg.debug_log)
+        print(f"  (broker debug log now {debug_log.stat().st_size if debug_log.exists() else 0:,} bytes)", flush=True)
     count = sum(r["count"] for r in results)
     first = min(r["first"] for r in results if r["count"])
     last = max(r["last"] for r in results)
     rate = count / max(last - first, 1e-6)
+    client = f", {results[0]['client']} client" if role == "consumer" else ""
     print(
-        f"  ({label}: {count:,} of {total:,} in {last - first:.2f} s, sent in {sent_in:.2f} s"
+        f"  ({label}{client}: {count:,} of {total:,} in {last - first:.2f} s, sent in {sent_in:.2f} s; "
+        f"CPU s: broker {broker_cpu:.2f}, subscribers {[r.get('cpu') for r in results]}; "
+        f"load average {os.getloadavg()[0]:.2f}"
         + (f"; consumer stats {[r.get('stats', {}) for r in results]}" if role == "consumer" else "")
         + ")",
         flush=True,
@@ -303,6 +360,7 @@ def run(*, devices: int = 200, per_device: int = 500) -> list:
             broker = Broker(cfg)
             broker.start()
             print(
+                f"Load average {os.getloadavg()[0]:.2f}. "
                 f"Ingest: {devices} devices x {per_device} telemetry messages = {total:,} per run "
                 f"(QoS 0, ~200-byte payloads; broker queue per client {settings.MQTT_MAX_QUEUED_MESSAGES:,})",
                 flush=True,
@@ -310,9 +368,14 @@ def run(*, devices: int = 200, per_device: int = 500) -> list:
             buffers = build_traffic(devices, per_device)
             sockets = connect_devices(cfg.port, devices)
             try:
-                bare = _run_once("bare paho subscriber", "bare", 1, env, sockets, buffers, total)
-                one = _run_once("one consumer, every detector", "consumer", 1, env, sockets, buffers, total)
-                two = _run_once("two consumers, shared subscription", "consumer", 2, env, sockets, buffers, total)
+                bare = _run_once("bare paho subscriber", "bare", 1, env, sockets, buffers, total, broker)
+                one = _run_once("one consumer, every detector", "consumer", 1, env, sockets, buffers, total, broker)
+                two = _run_once(
+                    "two consumers, shared subscription", "consumer", 2, env, sockets, buffers, total, broker
+                )
+                # Not targets: the broker's delivery ceiling with the lean client counting only, to one and to two.
+                lean_one = _run_once("lean client counting only", "lean", 1, env, sockets, buffers, total, broker)
+                lean_two = _run_once("two lean clients counting only", "lean", 2, env, sockets, buffers, total, broker)
             finally:
                 for sock in sockets:
                     sock.close()
@@ -321,6 +384,8 @@ def run(*, devices: int = 200, per_device: int = 500) -> list:
             broker.stop()
         redis_server.stop()
     record("ingest: bare paho subscriber", bare["rate"], "msg/s", note=f"dropped {bare['dropped']}")
+    record("ingest: lean client counting only (ceiling)", lean_one["rate"], "msg/s", note="not a target")
+    record("ingest: two lean clients counting only (ceiling)", lean_two["rate"], "msg/s", note="not a target")
     record(
         "ingest: one consumer, every detector",
         one["rate"],
@@ -374,4 +439,4 @@ if __name__ == "__main__":
 
     django.setup()
     role, replica = sys.argv[1], int(sys.argv[2])
-    (_child_bare if role == "bare" else _child_consumer)(replica)
+    {"bare": _child_bare, "lean": _child_lean, "consumer": _child_consumer}[role](replica)

@@ -239,6 +239,16 @@ DETECTION_CONSUMER_ENABLED = env.bool("DETECTION_CONSUMER_ENABLED", default=Fals
 DETECTION_CONSUMER_REPLICA = env.int("DETECTION_CONSUMER_REPLICA", default=1)
 DETECTION_MONITOR_ENABLED = env.bool("DETECTION_MONITOR_ENABLED", default=True)
 DETECTION_RECONNECT_MAX_SECONDS = env.int("DETECTION_RECONNECT_MAX_SECONDS", default=10)
+# The telemetry connection's MQTT client: "lean" (security/detection/wire.py: many frames per socket read, about
+# twice paho's rate, docs/benchmarks.md) or "paho" (paho-mqtt's per-message callback).
+DETECTION_MQTT_CLIENT = env.str("DETECTION_MQTT_CLIENT", default="lean")
+# Denied publishes (cross-device publishes, forged commands) are logged by Mosquitto only at debug level, never on
+# the log topic. On: the broker writes its whole log, debug included, to <MQTT_BROKER_DIR>/broker-debug.log instead
+# of stdout and the monitor tails it (broker and console must share that directory, as the files adapter already
+# requires). Off by default: debug logging writes two lines per delivered message (docs/benchmarks.md, "Ingest").
+DETECTION_DENIED_PUBLISHES = env.bool("DETECTION_DENIED_PUBLISHES", default=False)
+# The monitor truncates the debug log once it has read this much of it.
+DETECTION_DEBUG_LOG_MAX_BYTES = env.int("DETECTION_DEBUG_LOG_MAX_BYTES", default=64 * 1024 * 1024)
 # Messages per batch while busy (folded into per-device aggregates as they arrive).
 DETECTION_BATCH_MAX = env.int("DETECTION_BATCH_MAX", default=2_000)
 DETECTION_FLUSH_SECONDS = env.float("DETECTION_FLUSH_SECONDS", default=0.1)
@@ -286,6 +296,39 @@ DETECTION_NOTIFY_MAX_RETRIES = env.int("DETECTION_NOTIFY_MAX_RETRIES", default=5
 # Automatic response: alert kinds that quarantine their device when raised at critical severity. Off by default.
 DETECTION_AUTO_QUARANTINE_KINDS = env.list("DETECTION_AUTO_QUARANTINE_KINDS", default=[])
 
+# --- Credential rotation (issue 7, docs/rotation.md)
+# The console's identity for commands to devices (rx/+/<channel>, write only). use_username_as_clientid makes one
+# username one session, so only one worker publishes at a time (a Redis lock around a short-lived connection).
+MQTT_COMMANDER_USERNAME = env.str("MQTT_COMMANDER_USERNAME", default="fleetkeeper-commander")
+MQTT_COMMANDER_PASSWORD = env.str("MQTT_COMMANDER_PASSWORD", default="") or dev_secret("MQTT_COMMANDER_PASSWORD")
+# Seconds to wait for the broker's PUBACKs of one chunk of commands (and for the publishing lock).
+ROTATION_PUBLISH_TIMEOUT = env.float("ROTATION_PUBLISH_TIMEOUT", default=15.0)
+# Rotations delivered per task (one connection, one lock, one database write per chunk).
+ROTATION_DELIVER_CHUNK = env.int("ROTATION_DELIVER_CHUNK", default=1000)
+# A delivered rotation the device has not confirmed is sent again (fresh secret) after this long, once the device
+# has been seen since the last delivery (it came back online, or the message was lost).
+ROTATION_RESEND_SECONDS = env.int("ROTATION_RESEND_SECONDS", default=120)
+# Pending or confirmed rotations untouched this long are re-enqueued (a worker died mid-batch).
+ROTATION_STALLED_SECONDS = env.int("ROTATION_STALLED_SECONDS", default=60)
+# After the switch the device must reconnect with its new secret within this long, or an alert is raised.
+ROTATION_PROOF_TIMEOUT_SECONDS = env.int("ROTATION_PROOF_TIMEOUT_SECONDS", default=600)
+# How often the rotation tick runs (re-sends, resumes, completions, deadlines); a django-celery-beat entry.
+ROTATION_TICK_SECONDS = env.int("ROTATION_TICK_SECONDS", default=30)
+# The credentials message's `expires`: a device that receives it later refuses it (a fresh one is re-sent).
+ROTATION_MESSAGE_TTL_SECONDS = env.int("ROTATION_MESSAGE_TTL_SECONDS", default=3600)
+
+# --- Rotation campaigns and certificate rotation (issue 7, docs/rotation.md "Campaigns", "Certificates")
+# How often a running campaign checks its current wave (seconds; the task re-enqueues itself this often).
+ROTATION_CAMPAIGN_POLL_SECONDS = env.float("ROTATION_CAMPAIGN_POLL_SECONDS", default=2.0)
+# A device counts as online for a wave's baseline when it was seen this recently (seconds).
+ROTATION_CAMPAIGN_ONLINE_SECONDS = env.int("ROTATION_CAMPAIGN_ONLINE_SECONDS", default=900)
+# A running campaign whose row has not moved for this long is picked up again (its task was lost with a worker).
+ROTATION_CAMPAIGN_STALLED_SECONDS = env.int("ROTATION_CAMPAIGN_STALLED_SECONDS", default=60)
+# After a device confirms its new certificate, its old one stays valid this long, then it is revoked (CRL).
+ROTATION_CERTIFICATE_GRACE_SECONDS = env.int("ROTATION_CERTIFICATE_GRACE_SECONDS", default=86400)
+# The key the device is asked to make for its new certificate: ec-p256 or ed25519.
+ROTATION_CERTIFICATE_KEY_TYPE = env.str("ROTATION_CERTIFICATE_KEY_TYPE", default="ec-p256")
+
 # --- REST API
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -309,6 +352,13 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Credential rotation (issue 7): its kind and state enums by name (other APIs have fields called kind and state).
+    "ENUM_NAME_OVERRIDES": {
+        "RotationKindEnum": "security.models.CredentialRotation.Kind",
+        "RotationStateEnum": "security.models.CredentialRotation.State",
+        "CampaignStateEnum": "security.models.RotationCampaign.State",
+        "CampaignKindEnum": "security.rotation.campaigns.KINDS",
+    },
 }
 
 LOGGING = {
@@ -319,3 +369,19 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# --- Revocation: session evidence and purge (issue 5, docs/revocation.md)
+# The identity that reads the broker's connection log ($SYS/broker/log/N, read only) around a revocation's reload,
+# to record that the device's live session was dropped. Its username is fixed ("N", security/brokers/render.py says
+# why). Its password is derived from MQTT_PROBE_PASSWORD by default (production needs no extra secret).
+MQTT_SESSIONS_PASSWORD = (
+    env.str("MQTT_SESSIONS_PASSWORD", default="")
+    or __import__("hmac").new(MQTT_PROBE_PASSWORD.encode(), b"fleetkeeper-sessions", "sha256").hexdigest()
+)
+# After a revocation is verified: discard the device's persistent session (queued messages) on the broker and clear
+# the retained messages on its own channels. On by default; off keeps them (they are unreachable by the device).
+REVOCATION_PURGE_SESSIONS = env.bool("REVOCATION_PURGE_SESSIONS", default=True)
+# The purge costs two reloads: it waits until no revocation or quarantine arrived for this long, so it never delays
+# one, but never longer than REVOCATION_PURGE_MAX_DELAY_SECONDS after the verification.
+REVOCATION_PURGE_QUIET_SECONDS = env.int("REVOCATION_PURGE_QUIET_SECONDS", default=10)
+REVOCATION_PURGE_MAX_DELAY_SECONDS = env.int("REVOCATION_PURGE_MAX_DELAY_SECONDS", default=300)

@@ -12,6 +12,19 @@ def _sync_roles(sender, apps=None, **kwargs):
     roles_sync(apps or global_apps)
 
 
+def _rotation_defaults(sender, **kwargs):
+    """The fleet's default rotation policy and the rotation tick's schedule exist after every migrate and flush."""
+    from django.db import connections
+
+    from .rotation.policies import rotation_defaults_post_migrate
+
+    connection = connections[kwargs.get("using") or "default"]
+    tables = connection.introspection.table_names()
+    if "security_rotationpolicy" not in tables or "django_celery_beat_periodictask" not in tables:
+        return  # migrated only part of the way (migrate security 0007): nothing to schedule yet
+    rotation_defaults_post_migrate(sender, **kwargs)
+
+
 class SecurityConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "security"
@@ -19,3 +32,4 @@ class SecurityConfig(AppConfig):
 
     def ready(self):
         post_migrate.connect(_sync_roles, sender=self, dispatch_uid="security.sync_roles")
+        post_migrate.connect(_rotation_defaults, sender=self, dispatch_uid="security.rotation_defaults")

@@ -27,9 +27,12 @@ from devices.models import Device
 from . import services, topics
 from .audit import audit_context, audit_record, current_context
 from .brokers import get_adapter
-from .brokers.files import connect_code
-from .brokers.render import files_digest, parse_passwd_lenient, probe_generation_password
+from .brokers.base import files_digest_bytes
+from .brokers.files import connect_code, derive_policy
+from .brokers.render import probe_generation_password
+from .brokers.sessions import SessionWatcher, connect_code_from
 from .models import BulkAction, DeviceAction, DeviceCredential, EnforcementChange
+from .revocation_sessions import purge_enqueue, session_watch_take
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,32 @@ def loaded_generation(*, config: str, passwd: str, acl: str) -> str:
     return hashlib.sha256("\0".join([config, acl, base]).encode()).hexdigest()[:24]
 
 
+def loaded_generation_bytes(*, config: bytes, passwd: bytes, acl: bytes) -> tuple[str, str]:
+    """(generation, files digest) of the loaded files, computed like the renderer: one hashing pass when the probe's
+    line is the last line, as rendered (any other layout: every line filtered, and hashed twice)."""
+    import hashlib
+
+    probe = settings.MQTT_PROBE_USERNAME.encode() + b":"
+    last = passwd.rfind(b"\n", 0, len(passwd) - 1) + 1
+    if passwd[last:].startswith(probe) and not passwd.startswith(probe) and b"\n" + probe not in passwd[:last]:
+        hasher = hashlib.sha256(config)
+        for part in (b"\0", acl, b"\0", memoryview(passwd)[:last]):
+            hasher.update(part)
+        generation = hasher.copy().hexdigest()[:24]
+        hasher.update(memoryview(passwd)[last:])
+        return generation, hasher.hexdigest()
+    base = b"".join(line + b"\n" for line in passwd.splitlines() if not line.startswith(probe))
+    hasher = hashlib.sha256(config)
+    for part in (b"\0", acl, b"\0", base):
+        hasher.update(part)
+    return hasher.hexdigest()[:24], files_digest_bytes(config=config, passwd=passwd, acl=acl)
+
+
+def _has_line(passwd: bytes, username: str) -> bool:
+    needle = username.encode() + b":"
+    return passwd.startswith(needle) or (b"\n" + needle) in passwd
+
+
 def _quarantine_denies(client_id: str) -> set[str]:
     tx, rx = settings.MQTT_TOPIC_TX_PREFIX, settings.MQTT_TOPIC_RX_PREFIX
     return {f"topic deny {tx}/{client_id}/{c}" for c in topics.QUARANTINE_DENIED_TX} | {
@@ -156,71 +185,99 @@ def device_action_verify_pending(*, limit: int = 5000) -> dict:
     if not rows:
         return {"verified": 0, "failed": 0, "waiting": 0}
     adapter = get_adapter()
+    watcher = session_watch_take()
+    try:
+        with services.broker_lock():
+            return _verify_locked(rows, adapter=adapter, watcher=watcher)
+    finally:
+        if watcher is not None:
+            watcher.close()
+
+
+def _verify_locked(rows: list[DeviceAction], *, adapter, watcher: SessionWatcher | None) -> dict:
     cfg = adapter.cfg
-    with services.broker_lock():
-        loaded = adapter.loaded_files()
-        if not (loaded.config and loaded.passwd and loaded.acl):
-            _note_waiting(rows, "the broker's files are missing; the reconcile job rewrites them")
-            return {"verified": 0, "failed": 0, "waiting": len(rows)}
-        generation = loaded_generation(config=loaded.config, passwd=loaded.passwd, acl=loaded.acl)
-        probe_code = connect_code(
-            cfg.host,
-            cfg.port,
-            username=settings.MQTT_PROBE_USERNAME,
-            password=probe_generation_password(settings.MQTT_PROBE_PASSWORD, generation),
-            timeout=settings.MQTT_PROBE_TIMEOUT,
-        )
-        if probe_code != 0:
-            _note_waiting(rows, f"the broker has not loaded the files on disk yet (canary refused, code {probe_code})")
-            return {"verified": 0, "failed": 0, "waiting": len(rows)}
-        digest = files_digest(config=loaded.config, passwd=loaded.passwd, acl=loaded.acl)
-        users = parse_passwd_lenient(loaded.passwd)
-        blocks = _acl_blocks(loaded.acl)
-        budget = VERIFY_CONNECT_BUDGET
-        verified = failed = 0
-        for row in rows:
-            evidence = {
-                "checked_at": _now_ms(),
-                "broker": f"{cfg.host}:{cfg.port}",
-                "policy_digest": digest,
-                "generation": generation,
-                "generation_loaded": True,
-                "in_password_file": row.client_id in users,
-            }
-            denies = set(blocks.get(row.client_id, []))
-            if row.action == DeviceAction.Action.REVOKE:
-                ok = not evidence["in_password_file"]
-                attempt = None
-                if budget > 0:
-                    budget -= 1
-                    code = connect_code(
-                        cfg.host,
-                        cfg.port,
-                        username=row.client_id,
-                        password=secrets.token_urlsafe(24),
-                        timeout=settings.MQTT_PROBE_TIMEOUT,
-                    )
-                    attempt = {"username": row.client_id, "password": "random, never issued", "code": code}
-                    attempt["refused"] = code != 0
-                    ok = ok and code != 0
-                evidence["connect_attempt"] = attempt
-            elif row.action == DeviceAction.Action.QUARANTINE:
-                expected = _quarantine_denies(row.client_id)
-                evidence["acl_denies"] = sorted(denies & expected)
-                evidence["repair_path_kept"] = not any(
-                    f"/{row.client_id}/{c}" in line
-                    for line in denies
-                    for c in (*topics.REPAIR_RX_CHANNELS, *topics.REPAIR_TX_CHANNELS)
+    loaded = adapter.loaded_bytes()
+    if not loaded.complete():
+        _note_waiting(rows, "the broker's files are missing; the reconcile job rewrites them")
+        return {"verified": 0, "failed": 0, "waiting": len(rows)}
+    generation, digest = loaded_generation_bytes(config=loaded.config, passwd=loaded.passwd, acl=loaded.acl)
+    probe_code, probe_address = connect_code_from(
+        cfg.host,
+        cfg.port,
+        username=settings.MQTT_PROBE_USERNAME,
+        password=probe_generation_password(settings.MQTT_PROBE_PASSWORD, generation),
+        timeout=settings.MQTT_PROBE_TIMEOUT,
+    )
+    if probe_code != 0:
+        _note_waiting(rows, f"the broker has not loaded the files on disk yet (canary refused, code {probe_code})")
+        return {"verified": 0, "failed": 0, "waiting": len(rows)}
+    # This login came after the reload: once the watcher has seen it in the broker's log, it has seen every
+    # session that reload dropped (one subscription delivers the log in order).
+    marker_seen = bool(watcher and probe_address and watcher.wait_for_connection_from(probe_address))
+    passwd = loaded.passwd
+    blocks = _acl_blocks(loaded.acl.decode())
+    budget = VERIFY_CONNECT_BUDGET
+    verified = failed = 0
+    purge_wanted = False
+    for row in rows:
+        evidence = {
+            "checked_at": _now_ms(),
+            "broker": f"{cfg.host}:{cfg.port}",
+            "policy_digest": digest,
+            "generation": generation,
+            "generation_loaded": True,
+            "in_password_file": _has_line(passwd, row.client_id),
+        }
+        denies = set(blocks.get(row.client_id, []))
+        if row.action == DeviceAction.Action.REVOKE:
+            ok = not evidence["in_password_file"]
+            attempt = None
+            if budget > 0:
+                budget -= 1
+                code = connect_code(
+                    cfg.host,
+                    cfg.port,
+                    username=row.client_id,
+                    password=secrets.token_urlsafe(24),
+                    timeout=settings.MQTT_PROBE_TIMEOUT,
                 )
-                ok = expected <= denies and evidence["repair_path_kept"]
-            else:
-                evidence["acl_denies"] = sorted(denies)
-                has_credential = DeviceCredential.objects.filter(device_id=row.device_id).exists()
-                evidence["needs_new_secret"] = not has_credential
-                ok = not denies and (evidence["in_password_file"] or not has_credential)
-            _settle_row(row, ok=ok, evidence=evidence)
-            verified += ok
-            failed += not ok
+                attempt = {"username": row.client_id, "password": "random, never issued", "code": code}
+                attempt["refused"] = code != 0
+                ok = ok and code != 0
+            evidence["connect_attempt"] = attempt
+            # The broker's own word on the live session (not a condition of "verified": the refusal is).
+            evidence["session"] = (
+                watcher.session_evidence(row.client_id, marker_seen=marker_seen)
+                if watcher is not None
+                else {
+                    "observed": False,
+                    "state": "not_observed",
+                    "why": "no session watcher was subscribed to the broker's log at the reload that loaded it "
+                    "(verified by a later run, e.g. the reconcile job)",
+                }
+            )
+            if ok and settings.REVOCATION_PURGE_SESSIONS:
+                evidence["purge"] = {"state": "pending", "attempts": 0}
+                purge_wanted = True
+        elif row.action == DeviceAction.Action.QUARANTINE:
+            expected = _quarantine_denies(row.client_id)
+            evidence["acl_denies"] = sorted(denies & expected)
+            evidence["repair_path_kept"] = not any(
+                f"/{row.client_id}/{c}" in line
+                for line in denies
+                for c in (*topics.REPAIR_RX_CHANNELS, *topics.REPAIR_TX_CHANNELS)
+            )
+            ok = expected <= denies and evidence["repair_path_kept"]
+        else:
+            evidence["acl_denies"] = sorted(denies)
+            has_credential = DeviceCredential.objects.filter(device_id=row.device_id).exists()
+            evidence["needs_new_secret"] = not has_credential
+            ok = not denies and (evidence["in_password_file"] or not has_credential)
+        _settle_row(row, ok=ok, evidence=evidence)
+        verified += ok
+        failed += not ok
+    if purge_wanted:
+        purge_enqueue()
     return {"verified": verified, "failed": failed, "waiting": 0}
 
 
@@ -466,6 +523,28 @@ def bulk_action_resume_stalled(*, older_than_seconds: int = 120) -> int:
     return len(stalled)
 
 
+def bulk_action_session_counts(bulk: BulkAction) -> dict:
+    """For a bulk revocation's page: what the broker said about the live sessions, and how far the purge is."""
+    from django.db.models import Count
+    from django.db.models.fields.json import KT
+
+    rows = (
+        DeviceAction.objects.filter(bulk=bulk, action=DeviceAction.Action.REVOKE)
+        .order_by()
+        .annotate(session=KT("evidence__session__state"), purge=KT("evidence__purge__state"))
+        .values_list("session", "purge")
+        .annotate(n=Count("id"))
+    )
+    counts = {"dropped": 0, "not_connected": 0, "not_observed": 0, "purged": 0, "purge_pending": 0, "purge_failed": 0}
+    for session, purge, n in rows:
+        if session in ("dropped", "not_connected", "not_observed"):
+            counts[session] += n
+        key = {"done": "purged", "pending": "purge_pending", "failed": "purge_failed"}.get(purge)
+        if key:
+            counts[key] += n
+    return counts
+
+
 def bulk_action_counts(bulk: BulkAction) -> dict:
     """Verification progress of a bulk action (for its page and the API), in one query."""
     from django.db.models import Count
@@ -486,9 +565,8 @@ def policy_fast_revoke(*, up_to_id: int | None, state, adapter):
     * the files on disk are byte for byte what the last successful apply wrote (their digest is BrokerState's), so
       nothing else changed since;
     * none of them was quarantined or has a certificate (an ACL block, a CRL: those render in full).
-    Removing lines keeps the sorted order of a full render, so the result is identical (tested)."""
-    from .brokers.render import RenderedPolicy, _stable_salt, hash_secret
-
+    Removing lines keeps the sorted order of a full render, so the result is identical (tested). Each file is read
+    once as bytes, and only the new probe line is validated before the write (``DerivedPolicy``)."""
     if up_to_id is None or not state.applied_digest:
         return None
     rows = list(
@@ -503,46 +581,25 @@ def policy_fast_revoke(*, up_to_id: int | None, state, adapter):
         client_id__in=usernames, status=Device.Status.REVOKED, credential__isnull=True
     ).count() != len(usernames):
         return None
-    loaded = adapter.loaded_files()
-    if not (loaded.config and loaded.passwd and loaded.acl):
-        return None
-    if files_digest(config=loaded.config, passwd=loaded.passwd, acl=loaded.acl) != state.applied_digest:
-        return None
-    cfg = adapter.cfg
     # A device with a certificate: the full render adds its deny block and the CRL (the PKI work, docs/pki.md).
     from . import models as security_models
 
     DeviceCertificate = getattr(security_models, "DeviceCertificate", None)  # noqa: N806
     if DeviceCertificate is not None and DeviceCertificate.objects.filter(client_id__in=usernames).exists():
         return None
-    if any(line.strip() in {f"user {u}" for u in usernames} for line in loaded.acl.splitlines()):
+    # The files the last successful apply wrote and validated, proven by their digest: from this process's memory
+    # when the files on disk are still the ones it renamed into place, else read once as bytes and hashed.
+    loaded = adapter.loaded_bytes_matching(state.applied_digest)
+    if loaded is None:
         return None
-    probe_username = settings.MQTT_PROBE_USERNAME
-    base_lines = []
-    for line in loaded.passwd.splitlines(keepends=True):
-        username = line.partition(":")[0]
-        if username == probe_username or username in usernames:
-            continue
-        base_lines.append(line)
-    base = "".join(base_lines)
-    import hashlib
-
-    from .brokers.render import probe_generation_password as _probe_password
-
-    generation = hashlib.sha256("\0".join([loaded.config, loaded.acl, base]).encode()).hexdigest()[:24]
-    probe_password = _probe_password(settings.MQTT_PROBE_PASSWORD, generation)
-    probe_line = hash_secret(
-        probe_password, iterations=cfg.iterations, salt=_stable_salt(probe_username, probe_password)
-    )
-    passwd = f"{probe_username}:{probe_line}\n" + base
-    return RenderedPolicy(
-        config=loaded.config,
-        passwd=passwd,
-        acl=loaded.acl,
-        digest=files_digest(config=loaded.config, passwd=passwd, acl=loaded.acl),
-        generation=generation,
-        probe_password=probe_password,
-        device_usernames=(),
-        quarantined=(),
-        console_usernames=(),
+    acl_lines = set(loaded.acl.split(b"\n"))
+    if any(f"user {u}".encode() in acl_lines for u in usernames):
+        return None
+    return derive_policy(
+        loaded,
+        probe_username=settings.MQTT_PROBE_USERNAME,
+        probe_secret=settings.MQTT_PROBE_PASSWORD,
+        iterations=adapter.cfg.iterations,
+        remove=usernames,
+        base_digest=state.applied_digest,
     )

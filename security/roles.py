@@ -34,6 +34,12 @@ ROLE_PERMISSIONS: dict[str, list[str] | str] = {
         "devices.issue_credentials",
         "devices.rotate_credentials",
         "devices.reinstate_device",
+        # Credential rotation (issue 7): policies and their schedules, the per-device history.
+        "security.view_credentialrotation",
+        "security.view_rotationpolicy",
+        "security.add_rotationpolicy",
+        "security.change_rotationpolicy",
+        "security.delete_rotationpolicy",
         "security.view_alert",
         "security.view_brokerstate",
         "security.sync_policy",
@@ -47,6 +53,7 @@ ROLE_PERMISSIONS: dict[str, list[str] | str] = {
         "security.view_alert",
         "security.change_alert",
         "security.view_brokerstate",
+        "security.view_credentialrotation",
     ],
     # Read-only, including the audit log.
     AUDITOR: [
@@ -56,6 +63,8 @@ ROLE_PERMISSIONS: dict[str, list[str] | str] = {
         "security.view_auditevent",
         "security.view_alert",
         "security.view_brokerstate",
+        "security.view_credentialrotation",
+        "security.view_rotationpolicy",
         "django_celery_beat.view_periodictask",
     ],
 }

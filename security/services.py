@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -287,11 +288,29 @@ def policy_desired() -> RenderedPolicy:
     return policy_render(cfg=broker_config(), devices=devices, console=console_identities())
 
 
+_lock_clients: dict[str, redis.Redis] = {}
+
+
+def _lock_client() -> redis.Redis:
+    """One client (and connection pool) per Redis URL and process: a revocation need not open a new connection."""
+    client = _lock_clients.get(settings.REDIS_URL)
+    if client is None:
+        client = _lock_clients[settings.REDIS_URL] = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
+    return client
+
+
+BROKER_LOCK_TTL = 15  # seconds; renewed every 5 s while held, so a worker killed holding it blocks others <= 15 s
+
+
 @contextlib.contextmanager
 def broker_lock(timeout: float = 30.0):
-    """One apply at a time across every worker (also keeps two canaries from taking over each other's session)."""
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
-    lock = client.lock(BROKER_LOCK, timeout=120, blocking_timeout=timeout)
+    """One apply at a time across every worker (also keeps two canaries from taking over each other's session).
+
+    The lock lives BROKER_LOCK_TTL seconds and a small thread renews it while its holder works: an apply that takes
+    long keeps it, and a worker killed while holding it (SIGKILL, OOM) frees it within seconds instead of blocking
+    every revocation until a long expiry."""
+    client = _lock_client()
+    lock = client.lock(BROKER_LOCK, timeout=BROKER_LOCK_TTL, blocking_timeout=timeout, thread_local=False)
     try:
         acquired = lock.acquire()
     except redis.ConnectionError:
@@ -302,9 +321,20 @@ def broker_lock(timeout: float = 30.0):
         return
     if not acquired:
         raise BrokerBusy("another broker apply held the lock")
+    done = threading.Event()
+
+    def renew():
+        while not done.wait(BROKER_LOCK_TTL / 3):
+            with contextlib.suppress(Exception):
+                lock.reacquire()
+
+    renewer = threading.Thread(target=renew, name="fleetkeeper-broker-lock", daemon=True)
+    renewer.start()
     try:
         yield
     finally:
+        done.set()
+        renewer.join(timeout=1.0)
         with contextlib.suppress(Exception):
             lock.release()
 
@@ -349,6 +379,8 @@ def _settle(*, up_to_id: int | None, result: ApplyResult) -> int:
         id__lte=up_to_id, state__in=[EnforcementChange.State.PENDING, EnforcementChange.State.FAILED]
     )
     probe = result.probe.as_dict() if result.probe else None
+    if probe is not None and result.timings:
+        probe["apply"] = result.timings  # per-step timings (the revocation benchmark's breakdown)
     if result.probe is not None and result.probe.ok:
         return rows.update(
             state=EnforcementChange.State.APPLIED,
@@ -388,6 +420,7 @@ def enforcement_apply(*, change_id: int | None = None, coalesce: bool = True) ->
 
     Coalescing: the first task waits out the window after its change was made, takes the lock and applies all
     rows pending by then; the tasks of the other rows find nothing left and return."""
+    entered_at = time.time()
     if change_id is not None:
         change = EnforcementChange.objects.filter(pk=change_id).only("state", "created", "kind").first()
         if change is None or change.state == EnforcementChange.State.APPLIED:
@@ -408,21 +441,36 @@ def enforcement_apply(*, change_id: int | None = None, coalesce: bool = True) ->
             ).exists()
         ):
             return None  # applied by another task in the meantime (coalesced)
-        return _apply_locked(force_reload=False)
+        return _apply_locked(force_reload=False, entered_at=entered_at)
 
 
-def _apply_locked(*, force_reload: bool, drift: dict | None = None) -> ApplyResult:
+def _apply_locked(*, force_reload: bool, drift: dict | None = None, entered_at: float | None = None) -> ApplyResult:
+    started = time.monotonic()
+    locked_at = time.time()
     up_to_id = _pending_max_id()
     state = BrokerState.load()
     adapter = get_adapter()
     # Revocations of active devices on top of an unchanged broker: cut the lines out of the loaded files instead of
     # rendering the whole fleet again (issue 5's latency target; the reconcile still renders in full every minute).
     from .revocation import policy_fast_revoke
+    from .revocation_sessions import session_watch_start
 
+    # The broker's own word on the sessions a revocation drops: a watcher subscribed to its log before the reload
+    # (connecting meanwhile, so it costs the revocation nothing). None when no revocation is in this apply.
+    watcher = session_watch_start(up_to_id=up_to_id, adapter=adapter)
     policy = None if force_reload else policy_fast_revoke(up_to_id=up_to_id, state=state, adapter=adapter)
+    path = "fast" if policy is not None else "full"
     policy = policy or policy_desired()
+    built_ms = round((time.monotonic() - started) * 1000, 1)
     try:
-        result = adapter.apply(policy, force_reload=force_reload)
+        try:
+            result = adapter.apply(
+                policy, force_reload=force_reload, before_reload=watcher.wait_ready if watcher is not None else None
+            )
+        except BaseException:
+            if watcher is not None:
+                watcher.close()
+            raise
     except BrokerUnavailable as exc:
         _note_attempt(up_to_id=up_to_id, error=str(exc))
         _record_state(state=state, error=str(exc), reachable=False, drift=drift)
@@ -434,6 +482,15 @@ def _apply_locked(*, force_reload: bool, drift: dict | None = None) -> ApplyResu
         )
         _record_state(state=state, error=str(exc), reachable=True, drift=drift)
         raise
+    result.timings = {
+        "path": path,
+        "entered_at": entered_at or locked_at,  # the task reached the apply (wall clock: the benchmark compares)
+        "locked_at": locked_at,
+        "built_ms": built_ms,
+        **result.timings,
+    }
+    if watcher is not None:
+        watcher.note_apply(result)
     _note_attempt(up_to_id=up_to_id, error="")
     _settle(up_to_id=up_to_id, result=result)
     probe_error = "" if result.probe is None or result.probe.ok else f"probe failed: {result.probe.error}"

@@ -5,9 +5,17 @@ from celery import shared_task
 from django.conf import settings
 from django.db import OperationalError
 
-from . import revocation, services
+from . import revocation, revocation_sessions, services
 from .audit import audit_context
 from .brokers.base import BrokerUnavailable
+from .rotation.campaign_tasks import rotation_campaign_advance  # noqa: F401
+from .rotation.tasks import (  # noqa: F401  (credential rotation, issue 7: registered with the worker here)
+    rotation_deliver,
+    rotation_deliver_resend,
+    rotation_policy_run,
+    rotation_switch,
+    rotation_tick,
+)
 
 
 @shared_task(
@@ -44,11 +52,35 @@ def reconcile_broker(trigger: str = "schedule") -> dict:
         outcome = services.broker_reconcile(trigger=trigger)
         revocation.bulk_action_resume_stalled()
     revocation.verify_after_apply()
+    revocation_sessions.purge_resume()  # verified revocations whose session purge is still pending
     return {
         "drift": sorted(outcome.get("drift", {})),
         "repaired": outcome.get("repaired"),
         "error": outcome.get("error", ""),
     }
+
+
+@shared_task(
+    name="security.purge_revoked_sessions",
+    autoretry_for=(BrokerUnavailable, services.BrokerBusy),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    retry_jitter=True,
+    max_retries=settings.MQTT_APPLY_MAX_RETRIES,
+    acks_late=True,
+)
+def purge_revoked_sessions() -> dict:
+    """Discard verified-revoked devices' persistent sessions and retained messages (docs/revocation.md, "Purge").
+    Waits for a quiet broker by re-queueing itself; the pending state is on the DeviceAction, so the reconcile job
+    queues it again if this task is lost. Idempotent."""
+    revocation_sessions.purge_task_started()
+    with audit_context(service="revocation-purge"):
+        outcome = revocation_sessions.revoked_sessions_purge()
+    if outcome.get("deferred"):
+        revocation_sessions.purge_enqueue(countdown=outcome["deferred"])
+    elif outcome.get("more"):
+        revocation_sessions.purge_enqueue(countdown=0)
+    return outcome
 
 
 @shared_task(name="security.run_bulk_action", acks_late=True, max_retries=5, autoretry_for=(OperationalError,))

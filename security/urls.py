@@ -4,6 +4,8 @@ from security.views import alerts as alert_views
 from security.views import broker as broker_views
 from security.views import pki as pki_views
 from security.views import revocation as revocation_views
+from security.views import rotation as rotation_views
+from security.views import rotation_campaigns as campaign_views
 from security.views.audit import AuditLogView
 
 urlpatterns: list = [
@@ -30,6 +32,43 @@ urlpatterns: list = [
     ),
     path("bulk-actions/new/", revocation_views.BulkNewView.as_view(), name="bulk-action-new"),
     path("bulk-actions/<int:pk>/", revocation_views.BulkDetailView.as_view(), name="bulk-action-detail"),
+    # --- rotation campaigns (issue 7) ---
+    path("rotation-campaigns/", campaign_views.CampaignListView.as_view(), name="rotation-campaign-list"),
+    path("rotation-campaigns/new/", campaign_views.CampaignNewView.as_view(), name="rotation-campaign-new"),
+    path("rotation-campaigns/<int:pk>/", campaign_views.CampaignDetailView.as_view(), name="rotation-campaign-detail"),
+    path(
+        "rotation-campaigns/<int:pk>/pause/",
+        campaign_views.CampaignActView.as_view(action="pause"),
+        name="rotation-campaign-pause",
+    ),
+    path(
+        "rotation-campaigns/<int:pk>/resume/",
+        campaign_views.CampaignActView.as_view(action="resume"),
+        name="rotation-campaign-resume",
+    ),
+    path(
+        "rotation-campaigns/<int:pk>/abort/",
+        campaign_views.CampaignActView.as_view(action="abort"),
+        name="rotation-campaign-abort",
+    ),
+    # --- credential rotation (issue 7, the handover): pages, device fragment, policies ---
+    path("rotations/", rotation_views.RotationListView.as_view(), name="rotation-list"),
+    path("rotations/card/", rotation_views.RotationOverviewCardView.as_view(), name="rotation-overview-card"),
+    path("rotations/bulk/", rotation_views.BulkRotateView.as_view(), name="rotation-bulk"),
+    path("rotations/<int:pk>/cancel/", rotation_views.RotationCancelView.as_view(), name="rotation-cancel"),
+    path("rotations/policies/", rotation_views.PolicyListView.as_view(), name="rotation-policies"),
+    path("rotations/policies/new/", rotation_views.PolicyFormView.as_view(), name="rotation-policy-add"),
+    path("rotations/policies/<int:pk>/", rotation_views.PolicyFormView.as_view(), name="rotation-policy-edit"),
+    path(
+        "rotations/policies/<int:pk>/delete/", rotation_views.PolicyDeleteView.as_view(), name="rotation-policy-delete"
+    ),
+    path("rotations/policies/<int:pk>/run/", rotation_views.PolicyRunView.as_view(), name="rotation-policy-run"),
+    path("devices/<str:client_id>/rotate/", rotation_views.DeviceRotateView.as_view(), name="device-rotate"),
+    path(
+        "devices/<str:client_id>/rotations/",
+        rotation_views.DeviceRotationsFragmentView.as_view(),
+        name="device-rotations",
+    ),
     # --- pki (issue 8) ---
     path("pki/", pki_views.PkiView.as_view(), name="pki"),
     path("pki/<str:name>.pem", pki_views.PkiDownloadView.as_view(), name="pki-download"),

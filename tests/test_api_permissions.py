@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 
 from devices.models import Device, DeviceGroup, DeviceModel, ImportJob
 from security.audit import audit_context, audit_record
-from security.models import Alert, AuditEvent, BulkAction, DeviceAction
+from security.models import Alert, AuditEvent, BulkAction, CredentialRotation, DeviceAction, RotationCampaign
 from security.pki.services import broker_server_cert_ensure, certificate_factory_bundle
 from tests.conftest import make_user
 from tests.factories import PASSWORD, DeviceFactory, DeviceGroupFactory, DeviceModelFactory
@@ -335,11 +335,102 @@ ENDPOINTS = [
         200,
         "certificate.revoke",
     ),
+    # --- rotation campaigns (issue 7): operator and admin start and steer them; inventory readers read them ---
+    ("campaign-list", "get", lambda c: "/api/v1/rotation-campaigns/", None, None, INVENTORY_READERS, 200, None),
+    (
+        "campaign-create",
+        "post",
+        lambda c: "/api/v1/rotation-campaigns/",
+        lambda c: {
+            "name": "perm",
+            "reason": "permission check",
+            "kind": "certificate",
+            "filters": {"search": "device-perm"},
+            "confirm_count": 1,
+        },
+        "json",
+        FLEET_WRITERS,
+        201,
+        "rotation_campaign.create",
+    ),
+    (
+        "campaign-preview",
+        "post",
+        lambda c: "/api/v1/rotation-campaigns/preview/",
+        lambda c: {"filters": {"search": "device-perm"}},
+        "json",
+        FLEET_WRITERS,
+        200,
+        None,
+    ),
+    (
+        "campaign-detail",
+        "get",
+        lambda c: f"/api/v1/rotation-campaigns/{c['campaign']}/",
+        None,
+        None,
+        INVENTORY_READERS,
+        200,
+        None,
+    ),
+    (
+        "campaign-pause",
+        "post",
+        lambda c: f"/api/v1/rotation-campaigns/{c['campaign']}/pause/",
+        lambda c: {"reason": "permission check"},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "rotation_campaign.pause",
+    ),
+    (
+        "campaign-resume",
+        "post",
+        lambda c: f"/api/v1/rotation-campaigns/{c['paused_campaign']}/resume/",
+        lambda c: {},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "rotation_campaign.resume",
+    ),
+    (
+        "campaign-abort",
+        "post",
+        lambda c: f"/api/v1/rotation-campaigns/{c['campaign']}/abort/",
+        lambda c: {"reason": "permission check"},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "rotation_campaign.abort",
+    ),
+    # --- credential rotation (issue 7, the handover): operator and admin rotate; inventory readers read them ---
+    (
+        "device-rotate",
+        "post",
+        lambda c: "/api/v1/devices/device-perm/rotate/",
+        None,
+        None,
+        FLEET_WRITERS,
+        202,
+        "rotation.start",
+    ),
+    ("rotation-list", "get", lambda c: "/api/v1/rotations/", None, None, INVENTORY_READERS, 200, None),
+    (
+        "rotation-detail",
+        "get",
+        lambda c: f"/api/v1/rotations/{c['rotation']}/",
+        None,
+        None,
+        INVENTORY_READERS,
+        200,
+        None,
+    ),
 ]
 
 # Successful calls that change something other than the inventory rows _state() compares.
 OUTSIDE_THE_INVENTORY = {"token", "device-credentials", "policy-sync"}
 OUTSIDE_THE_INVENTORY |= {"device-certificate-issue", "device-certificate-bundle", "device-certificate-revoke"}
+OUTSIDE_THE_INVENTORY |= {"campaign-create", "campaign-pause", "campaign-resume", "campaign-abort"}
 
 # The table written out: expected status per endpoint and role. Anonymous callers get 401 (token auth
 # comes first), except on the docs page, which is for people and sends them to the login page.
@@ -368,7 +459,15 @@ def inventory():
         certificate = certificate_factory_bundle(actor=None, device=device).record.serial
         broker_server_cert_ensure()  # what the first broker render creates (audited), not a read's side effect
     alert = alert_seed(device)
+    campaign = RotationCampaign.objects.create(name="seed", state="running", created_by_label="setup")
+    paused_campaign = RotationCampaign.objects.create(name="seed-paused", state="paused", created_by_label="setup")
+    rotation = CredentialRotation.objects.create(
+        device=held, client_id=held.client_id, command_id="seed", state="failed"
+    )
     return {
+        "campaign": campaign.pk,
+        "paused_campaign": paused_campaign.pk,
+        "rotation": rotation.pk,
         "model": model.pk,
         "unused_model": unused.pk,
         "group": group.pk,
@@ -449,6 +548,7 @@ def _state():
         DeviceAction.objects.count(),
         BulkAction.objects.count(),
         sorted(Alert.objects.values_list("id", "state")),
+        CredentialRotation.objects.count(),
     )
 
 
@@ -490,6 +590,8 @@ def test_every_api_route_is_in_the_table():
     ctx = {"model": 1, "unused_model": 1, "group": 1, "job": 1, "event": 1, "action": 1, "bulk": 1, "username": "x"}
     ctx["alert"] = 1
     ctx["certificate"] = 1  # pki (issue 8)
+    ctx["campaign"] = ctx["paused_campaign"] = 1  # rotation campaigns (issue 7)
+    ctx["rotation"] = 1  # credential rotation (issue 7)
     covered = {re.sub(r"/(device-perm|device-held|\d+)/", "/{}/", url(ctx)) for _n, _m, url, *_ in ENDPOINTS}
     routes = {_normalise(r) for r in _api_routes()}
     assert routes - covered == set(), "API routes without a row in ENDPOINTS"

@@ -3,6 +3,7 @@ from django.urls import include, path  # noqa: F401
 from security.api.views import broker as broker_api
 from security.api.views import pki as pki_api
 from security.api.views import revocation as revocation_api
+from security.api.views import rotation as rotation_api
 
 urlpatterns: list = [
     # --- audit log API (API work) ---
@@ -27,6 +28,12 @@ urlpatterns: list = [
         "devices/<str:client_id>/reinstate/", revocation_api.DeviceReinstateView.as_view(), name="api-device-reinstate"
     ),
     path("device-actions/<int:pk>/", revocation_api.DeviceActionDetailView.as_view(), name="api-device-action-detail"),
+    # --- rotation campaigns (issue 7) ---
+    path("rotation-campaigns/", include("security.api.views.rotation_campaigns")),
+    # --- credential rotation (issue 7, the handover) ---
+    path("devices/<str:client_id>/rotate/", rotation_api.DeviceRotateView.as_view(), name="api-device-rotate"),
+    path("rotations/", rotation_api.RotationListView.as_view(), name="api-rotation-list"),
+    path("rotations/<int:pk>/", rotation_api.RotationDetailView.as_view(), name="api-rotation-detail"),
     # --- pki (issue 8) ---
     path("pki/ca/", pki_api.PkiCaView.as_view(), name="api-pki-ca"),
     path(

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.utils.module_loading import import_string
 
 from .base import BrokerAdapter, BrokerError, BrokerRejected, BrokerUnavailable  # noqa: F401
-from .render import CONSUMER, MONITOR, PROBE, BrokerConfig, ConsoleIdentity
+from .render import COMMANDER, CONSUMER, MONITOR, PROBE, SESSIONS, SESSIONS_USERNAME, BrokerConfig, ConsoleIdentity
 
 
 def broker_run_as() -> str:
@@ -50,6 +50,10 @@ def broker_config(*, with_tls: bool = True) -> BrokerConfig:
         shared_group=settings.MQTT_SHARED_SUBSCRIPTION_GROUP,
         tls=tls,
         plain_listener=settings.MQTT_PLAIN_LISTENER,
+        # DETECTION_DENIED_PUBLISHES (docs/detection.md); the monitor tails the same path (monitor.debug_log_path).
+        debug_log=os.path.join(str(settings.MQTT_BROKER_DIR), "broker-debug.log")
+        if settings.DETECTION_DENIED_PUBLISHES
+        else "",
     )
 
 
@@ -63,6 +67,8 @@ def console_identities() -> list[ConsoleIdentity]:
     identities = [ConsoleIdentity(name, CONSUMER, settings.MQTT_CONSUMER_PASSWORD) for name in consumer_usernames()]
     identities.append(ConsoleIdentity(settings.MQTT_MONITOR_USERNAME, MONITOR, settings.MQTT_MONITOR_PASSWORD))
     identities.append(ConsoleIdentity(settings.MQTT_PROBE_USERNAME, PROBE, settings.MQTT_PROBE_PASSWORD))
+    identities.append(ConsoleIdentity(settings.MQTT_COMMANDER_USERNAME, COMMANDER, settings.MQTT_COMMANDER_PASSWORD))
+    identities.append(ConsoleIdentity(SESSIONS_USERNAME, SESSIONS, settings.MQTT_SESSIONS_PASSWORD))
     return identities
 
 

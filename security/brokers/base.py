@@ -8,6 +8,7 @@ only to this interface, so a clustered broker replaces Mosquitto without touchin
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import asdict, dataclass, field
 
 from .render import RenderedPolicy
@@ -57,6 +58,59 @@ class ApplyResult:
     process: BrokerProcess | None
     probe: ProbeResult | None
     drift: dict = field(default_factory=dict)
+    # Where the time went (ms, and the wall-clock moment the reload was signalled): the revocation benchmark reads
+    # them from the settled outbox rows to break a revocation's latency down per step (docs/benchmarks.md).
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DerivedPolicy(RenderedPolicy):
+    """A policy derived from the files the broker loads by removing and adding whole password lines (the revocation
+    fast path, the session purge), instead of rendering the fleet again.
+
+    ``base_digest`` is the digest of the files it was derived from, which the caller proved equal to what the last
+    successful apply wrote and validated. Removing valid lines from a valid file leaves a valid file, so only
+    ``new_passwd_lines`` (the probe's line for the new generation, a purge's one-time lines) need validating before
+    the write; ``passwd_bytes`` is what gets written (no re-encoding of 100,000 lines). ``acl_changed`` is False when
+    the ACL is the loaded one, byte for byte (the config never changes here)."""
+
+    base_digest: str = ""
+    passwd_bytes: bytes = b""
+    new_passwd_lines: tuple[str, ...] = ()
+    acl_changed: bool = False
+
+    def passwd_text(self) -> str:
+        """``passwd`` is left empty (decoding 100,000 lines costs ~12 ms on the revocation path): this decodes."""
+        return self.passwd_bytes.decode()
+
+    def files(self) -> dict[str, str]:
+        return {"mosquitto.conf": self.config, "passwd": self.passwd_text(), "acl": self.acl}
+
+
+@dataclass(frozen=True)
+class LoadedBytes:
+    """The files the broker loads, as bytes (one read each; None where a file is missing)."""
+
+    config: bytes | None
+    passwd: bytes | None
+    acl: bytes | None
+
+    def complete(self) -> bool:
+        return bool(self.config and self.passwd and self.acl)
+
+
+def files_digest_bytes(*, config: bytes, passwd: bytes, acl: bytes) -> str:
+    """``render.files_digest`` over bytes, without concatenating 100,000 lines into a new string."""
+    import hashlib
+
+    digest = hashlib.sha256(config)
+    for part in (b"\0", acl, b"\0", passwd):
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _ms_since(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
 
 
 @dataclass(frozen=True)
@@ -75,6 +129,22 @@ class BrokerAdapter(abc.ABC):
     def loaded_files(self) -> LoadedFiles:
         """What the broker currently loads (for drift detection and the policy page)."""
 
+    def loaded_bytes(self) -> LoadedBytes:
+        """The same, as bytes (adapters that keep files override this to read each file once, undecoded)."""
+        loaded = self.loaded_files()
+        return LoadedBytes(
+            *(None if text is None else text.encode() for text in (loaded.config, loaded.passwd, loaded.acl))
+        )
+
+    def loaded_bytes_matching(self, digest: str) -> LoadedBytes | None:
+        """The loaded files when their digest is ``digest`` (what the last successful apply wrote), else None."""
+        loaded = self.loaded_bytes()
+        if not loaded.complete():
+            return None
+        if files_digest_bytes(config=loaded.config, passwd=loaded.passwd, acl=loaded.acl) != digest:
+            return None
+        return loaded
+
     @abc.abstractmethod
     def process(self) -> BrokerProcess | None:
         """The running broker, or None when it is not running."""
@@ -91,24 +161,43 @@ class BrokerAdapter(abc.ABC):
     def probe(self, policy: RenderedPolicy) -> ProbeResult:
         """The canary: is ``policy`` what the broker enforces? Raises BrokerUnavailable when unreachable."""
 
-    def apply(self, policy: RenderedPolicy, *, force_reload: bool = False) -> ApplyResult:
+    def apply(self, policy: RenderedPolicy, *, force_reload: bool = False, before_reload=None) -> ApplyResult:
         """Write, reload when needed, and probe. A broker that is not running gets the files (it loads them when
-        it starts) and BrokerUnavailable is raised, so the caller keeps its changes pending."""
+        it starts) and BrokerUnavailable is raised, so the caller keeps its changes pending.
+
+        ``before_reload`` (optional) is called right before the reload signal, e.g. to make sure a session watcher
+        is subscribed to the broker's log before the reload drops anyone."""
+        timings: dict = {}
+        started = time.monotonic()
         written = self.write(policy)
+        timings["write_ms"] = _ms_since(started)
         process = self.process()
         if process is None:
             raise BrokerUnavailable("The broker is not running (no live process behind its pid file).")
         reloaded = False
         if written or force_reload:
+            if before_reload is not None:
+                before_reload()
+            timings["signalled_at"] = time.time()
             self.reload()
             reloaded = True
+        probe_started = time.monotonic()
         result = self.probe(policy)
         if not result.generation_loaded and not reloaded:
             # The files are right but the broker runs an older generation (e.g. it was started before the files were
             # fixed, or someone signalled it mid-write): reload once more and look again.
+            if before_reload is not None:
+                before_reload()
+            timings["signalled_at"] = time.time()
             self.reload()
             reloaded = True
             result = self.probe(policy)
+        timings["probe_ms"] = _ms_since(probe_started)
         return ApplyResult(
-            digest=policy.digest, written=written, reloaded=reloaded, process=self.process(), probe=result
+            digest=policy.digest,
+            written=written,
+            reloaded=reloaded,
+            process=self.process(),
+            probe=result,
+            timings=timings,
         )

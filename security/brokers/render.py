@@ -31,6 +31,16 @@ ACTIVE, QUARANTINED = "active", "quarantined"
 ENFORCED_STATUSES = (ACTIVE, QUARANTINED)  # revoked and decommissioned devices have no line at all
 
 CONSUMER, MONITOR, PROBE = "consumer", "monitor", "probe"
+COMMANDER = "commander"  # sends commands to devices (credential rotation, docs/rotation.md)
+SESSIONS = "sessions"  # reads the connection log around a revocation (docs/revocation.md)
+# The sessions identity's username is the log level it reads. Mosquitto 2.0.11 delivers the log lines it writes
+# *during* a reload ("Client X disconnected.") only to subscribers whose grant comes from a `pattern`: `user` blocks
+# are re-linked client by client during the reload, so a subscriber linked after the dropped client misses its line
+# (measured, tests/security/test_revocation_sessions.py). Its grant is therefore `pattern read $SYS/broker/log/%u`,
+# which matches only a client whose username is "N"; no device may be named like a log level (render skips them).
+SESSIONS_USERNAME = "N"
+SESSIONS_PATTERN = "pattern read $SYS/broker/log/%u"
+LOG_LEVEL_NAMES = frozenset({"E", "W", "N", "I", "D", "M"})
 
 
 class PolicyError(ValueError):
@@ -87,7 +97,7 @@ class ConsoleIdentity:
     """One of the console's own broker accounts (never a device)."""
 
     username: str
-    role: str  # CONSUMER, MONITOR or PROBE
+    role: str  # CONSUMER, MONITOR, PROBE or COMMANDER
     secret: str
 
 
@@ -146,6 +156,8 @@ class BrokerConfig:
     # The TLS listener (None: not rendered) and whether devices may use the plain password listener.
     tls: TlsMaterial | None = None
     plain_listener: bool = True
+    # DETECTION_DENIED_PUBLISHES: the debug log file the monitor tails for denied publishes ("" = off).
+    debug_log: str = ""
 
     @property
     def password_file(self) -> str:
@@ -217,11 +229,21 @@ def render_acl(
     ]
     lines += [f"pattern write {tx}/%u/{c}" for c in topics.TX_CHANNELS]
     lines += [f"pattern read {rx}/%u/{c}" for c in topics.RX_CHANNELS]
+    if any(identity.role == SESSIONS for identity in console):
+        lines += [
+            f"# The console's session watcher ({SESSIONS_USERNAME}) reads the notice log; %u matches only that name.",
+            SESSIONS_PATTERN,
+        ]
     lines += ["", "# The console's own identities. Their names lie outside the device prefix rule."]
     for identity in console:
+        if identity.role == SESSIONS:
+            continue  # no user block: its grant is SESSIONS_PATTERN (above)
         lines.append(f"user {identity.username}")
         if identity.role == CONSUMER:
+            # Read only: commands to devices go through the commander identity (least privilege).
             lines += [f"topic read {tx}/+/{c}" for c in topics.TX_CHANNELS]
+        elif identity.role == COMMANDER:
+            # Write only, and only the device receive channels: it reads nothing.
             lines += [f"topic write {rx}/+/{c}" for c in topics.RX_CHANNELS]
         elif identity.role == MONITOR:
             lines.append("topic read $SYS/broker/#")
@@ -292,6 +314,16 @@ max_connections {cfg.max_connections}
 """
 
 
+def _render_log_dest(cfg: BrokerConfig) -> str:
+    if not cfg.debug_log:
+        return "log_dest stdout"
+    # log_type applies to every destination, and debug lines never reach the log topic: the file gets the whole log,
+    # debug included, and replaces stdout (which would carry two debug lines per message too).
+    return f"""# DETECTION_DENIED_PUBLISHES: "Denied PUBLISH from <id>" is a debug line; the monitor tails this file.
+log_dest file {cfg.debug_log}
+log_type debug"""
+
+
 def render_config(cfg: BrokerConfig) -> str:
     run_as = f"user {cfg.run_as}\n" if cfg.run_as else ""
     if cfg.plain_listener:
@@ -331,7 +363,7 @@ set_tcp_nodelay true
 
 # The broker-log monitor (fleetkeeper-monitor) reads connections, refusals and subscriptions from $SYS/broker/log/#.
 log_dest topic
-log_dest stdout
+{_render_log_dest(cfg)}
 log_type error
 log_type warning
 log_type notice
@@ -362,7 +394,7 @@ def policy_render(*, cfg: BrokerConfig, devices: Iterable[DeviceRow], console: l
     for row in devices:
         if row.status not in ENFORCED_STATUSES or not row.password_hash or not cfg.plain_listener:
             continue
-        if row.client_id in console_names or not USERNAME_RE.match(row.client_id):
+        if row.client_id in console_names or row.client_id in LOG_LEVEL_NAMES or not USERNAME_RE.match(row.client_id):
             skipped.append(row.client_id)
             continue
         device_entries.append((row.client_id, row.password_hash))
@@ -391,7 +423,9 @@ def policy_render(*, cfg: BrokerConfig, devices: Iterable[DeviceRow], console: l
         probe_line = hash_secret(
             probe_password, iterations=cfg.iterations, salt=_stable_salt(probe.username, probe_password)
         )
-        passwd = render_passwd([(probe.username, probe_line)]) + base_passwd
+        # Last: the digest of the files then extends the generation's hash by one line, so the revocation fast path
+        # hashes 100,000 lines once instead of twice (security/brokers/files.py, derive_policy).
+        passwd = base_passwd + render_passwd([(probe.username, probe_line)])
     digest = files_digest(config=config, passwd=passwd, acl=acl)
     return RenderedPolicy(
         config=config,
@@ -474,6 +508,8 @@ def validate_acl(text: str) -> None:
             seen_user = True
         elif line.startswith("topic ") and not seen_user:
             raise PolicyError(f"ACL line {line!r} would apply to anonymous clients")
+        elif line == SESSIONS_PATTERN:
+            continue  # matches only the username "N", which no device may have (see SESSIONS_USERNAME)
         elif line.startswith("pattern "):
             target = line.split(" ", 2)[2]
             if target.startswith("$") or target.startswith("#") or target.startswith("+") or "%u" not in target:

@@ -44,6 +44,7 @@ KINDS: dict[str, AlertSpec] = {
         AlertSpec("subscription_violation", Alert.Severity.HIGH, "Subscription outside the device's own topics"),
         AlertSpec("client_id_conflict", Alert.Severity.HIGH, "Two connections fighting over one client id"),
         AlertSpec("oversize_packet", Alert.Severity.MEDIUM, "Packet over the broker's size limit"),
+        AlertSpec("publish_denied", Alert.Severity.HIGH, "ACL violation: publish outside the device's own topics"),
         AlertSpec("rate_anomaly", Alert.Severity.MEDIUM, "Message rate far above the device's baseline"),
         AlertSpec("size_anomaly", Alert.Severity.MEDIUM, "Message size far above the device's baseline"),
         AlertSpec("value_out_of_range", Alert.Severity.LOW, "Telemetry reading outside its learned range"),
@@ -57,6 +58,10 @@ KINDS: dict[str, AlertSpec] = {
         AlertSpec("credential_cloned", Alert.Severity.CRITICAL, "Two connection fingerprints alternating on one id"),
         AlertSpec("firmware_outdated", Alert.Severity.LOW, "Firmware older than the model's latest release"),
         AlertSpec("firmware_below_minimum", Alert.Severity.HIGH, "Firmware below the model's minimum secure version"),
+        # Credential rotation (docs/rotation.md).
+        AlertSpec("rotation_unconfirmed", Alert.Severity.MEDIUM, "Credential rotation not confirmed within its grace"),
+        AlertSpec("rotation_rejected", Alert.Severity.MEDIUM, "Device refused its new credential"),
+        AlertSpec("rotation_unproven", Alert.Severity.HIGH, "No reconnect after the broker switched to the new secret"),
     )
 }
 

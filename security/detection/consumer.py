@@ -1,9 +1,11 @@
 """The MQTT consumer: device messages in, per-device state and alerts out.
 
-Two paho clients, each with its own network thread:
+Two MQTT clients, each with its own network thread:
 - the telemetry client logs in as a consumer identity and subscribes with shared subscriptions
-  (``$share/<group>/tx/+/telemetry|status|ack``), so N replicas split the load;
-- the monitor client (replica 1 only: the monitor identity is one session) reads ``$SYS/broker/log/#``.
+  (``$share/<group>/tx/+/telemetry|status|ack|csr``), so N replicas split the load. By default it is the lean
+  subscriber of ``wire.py`` (DETECTION_MQTT_CLIENT=lean: many PUBLISH frames parsed per socket read and folded under
+  one lock); ``paho`` keeps paho-mqtt's per-message callback;
+- the monitor client (paho; replica 1 only: the monitor identity is one session) reads ``$SYS/broker/log/#``.
 
 The telemetry network thread does O(1) work per message: it validates the message and folds it into the current
 per-device aggregate (counts, bytes, min/max per reading, last status). One processor thread swaps that aggregate out
@@ -35,7 +37,7 @@ from fleetkeeper_device import protocol
 from security import topics
 from security.brokers import consumer_usernames
 
-from . import baseline
+from . import baseline, wire
 
 log = logging.getLogger("fleetkeeper.consumer")
 
@@ -162,10 +164,16 @@ class Consumer:
         self.log_lines: deque = deque(maxlen=100_000)
         self.replies: deque = deque()  # (client_id, channel, message) for security.rotation.inbox
         self.stats = Stats()
+        self._dropped_reported = -1  # the broker's counter as last reported (-1: first value, history, not logged)
+        self._dropped_seen = False
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._clients: list[mqtt.Client] = []
+        self.client_kind = settings.DETECTION_MQTT_CLIENT
+        if self.client_kind not in ("lean", "paho"):
+            raise ValueError(f"DETECTION_MQTT_CLIENT is {self.client_kind!r}: use 'lean' or 'paho'")
+        self.subscriber: wire.Subscriber | None = None
         self.redis = redis.Redis.from_url(settings.REDIS_URL)
         from .ingest import PendingWrites
 
@@ -189,8 +197,22 @@ class Consumer:
 
     # --- lifecycle
     def start(self) -> Consumer:
-        self._clients.append(self._client(self.username, settings.MQTT_CONSUMER_PASSWORD, self._on_connect_telemetry))
-        self._clients[-1].on_message = self._on_message
+        if self.client_kind == "lean":
+            self.subscriber = wire.Subscriber(
+                host=self.host,
+                port=self.port,
+                username=self.username,
+                password=settings.MQTT_CONSUMER_PASSWORD,
+                subscriptions=self.subscriptions(),
+                on_publishes=self._on_publishes,
+                keepalive=30,
+                reconnect_max=settings.DETECTION_RECONNECT_MAX_SECONDS,
+                name=f"mqtt-telemetry-{self.replica}",
+            )
+        else:
+            client = self._client(self.username, settings.MQTT_CONSUMER_PASSWORD, self._on_connect_telemetry)
+            client.on_message = self._on_message
+            self._clients.append(client)
         if self.monitor is not None:
             client = self._client(
                 settings.MQTT_MONITOR_USERNAME, settings.MQTT_MONITOR_PASSWORD, self._on_connect_monitor
@@ -200,6 +222,8 @@ class Consumer:
         worker = threading.Thread(target=self._run, name=f"mqtt-consumer-{self.replica}", daemon=True)
         worker.start()
         self._threads.append(worker)
+        if self.subscriber is not None:
+            self.subscriber.start()
         for client in self._clients:
             client.connect_async(self.host, self.port, keepalive=30)
             client.loop_start()
@@ -207,6 +231,8 @@ class Consumer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self.subscriber is not None:
+            self.subscriber.stop()
         for client in self._clients:
             client.disconnect()
             client.loop_stop()
@@ -215,6 +241,17 @@ class Consumer:
         for thread in self._threads:
             thread.join(timeout)
         log.info("MQTT consumer %s stopped: %s", self.username, self.stats.as_dict())
+
+    def connected(self) -> bool:
+        """Every connection up (and the telemetry one subscribed)."""
+        up = all(c.is_connected() for c in self._clients)
+        return up and (self.subscriber is None or self.subscriber.is_connected())
+
+    @staticmethod
+    def subscriptions() -> list[tuple[str, int]]:
+        # QoS 1: status, ack and csr are published at QoS 1 and must not be lost; telemetry keeps its own QoS.
+        group = settings.MQTT_SHARED_SUBSCRIPTION_GROUP
+        return [(topics.fleet_tx_filter(channel, shared_group=group), 1) for channel in CHANNELS]
 
     def _client(self, username: str, password: str, on_connect) -> mqtt.Client:
         # use_username_as_clientid: the client id is the username anyway; naming it keeps the logs readable.
@@ -235,9 +272,7 @@ class Consumer:
         if reason.is_failure:
             log.warning("consumer %s refused by the broker: %s", self.username, reason)
             return
-        group = settings.MQTT_SHARED_SUBSCRIPTION_GROUP
-        # QoS 1: status and ack are published at QoS 1 and must not be lost; telemetry arrives at QoS 0 anyway.
-        client.subscribe([(topics.fleet_tx_filter(channel, shared_group=group), 1) for channel in CHANNELS])
+        client.subscribe(self.subscriptions())
 
     def _on_connect_monitor(self, client, _userdata, _flags, reason, _props) -> None:
         if reason.is_failure:
@@ -261,10 +296,35 @@ class Consumer:
                 self._wake.set()
         self.stats.received += 1
 
+    def _on_publishes(self, publishes: list[wire.Publish]) -> None:
+        """The lean subscriber's callback: every PUBLISH of one socket read, folded under one lock. A message that
+        makes the fold fail is counted as an error and skipped; the rest of the read is still folded."""
+        now = time.time()
+        count = len(publishes)
+        with self._lock:
+            current, add = self._current, self._add
+            for topic, payload, _qos, _packet_id in publishes:
+                try:
+                    add(current, topic, payload)
+                except Exception:  # never let one message stop the connection
+                    self.stats.errors += 1
+                    if self.stats.errors <= 10 or not self.stats.errors % 1000:
+                        log.exception("message on %r could not be folded; skipped", topic[:200])
+            before = self._current_count
+            self._current_count = before + count
+            if not before:
+                self._current_since = now
+                if not self.stats.received:
+                    self.stats.first_message_at = now
+            if before < self.batch_max <= before + count:  # wake the processor once per full batch
+                self._wake.set()
+        self.stats.received += count
+
     def _on_log_message(self, _client, _userdata, message) -> None:
         if message.topic == DROPPED_TOPIC:
             try:
                 self.stats.broker_dropped = int(message.payload)
+                self._dropped_seen = True
             except ValueError:
                 pass
             return
@@ -347,12 +407,27 @@ class Consumer:
 
     def _report(self) -> None:
         stats = self.stats.as_dict()
+        if self.subscriber is not None:
+            stats.update({f"mqtt_{k}": v for k, v in self.subscriber.stats.__dict__.items()})
         try:
             key = f"{self.prefix}:consumer:{self.username}"
             self.redis.hset(key, mapping={**{k: str(v) for k, v in stats.items()}, "updated": str(time.time())})
             self.redis.expire(key, 300)
         except redis.RedisError:
             pass
+        dropped = stats["broker_dropped"]
+        if self._dropped_seen and dropped > self._dropped_reported:
+            # $SYS/broker/publish/messages/dropped: publishes the broker threw away because a client's queue was full
+            # (MQTT_MAX_QUEUED_MESSAGES / MQTT_MAX_QUEUED_BYTES) or it was offline without a session. Counted for the
+            # whole broker; the consumer cannot tell whose.
+            if self._dropped_reported >= 0:
+                log.warning(
+                    "the broker dropped %d more messages (%d since it started): a subscriber's queue was full "
+                    "(MQTT_MAX_QUEUED_MESSAGES) or a client was offline",
+                    dropped - self._dropped_reported,
+                    dropped,
+                )
+            self._dropped_reported = dropped
         if stats["lag_seconds"] > 5:
             log.warning(
                 "consumer %s is %.1f s behind (%d queued)", self.username, stats["lag_seconds"], stats["queued"]

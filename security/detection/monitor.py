@@ -13,7 +13,10 @@ that address meanwhile, so the console's own checks never read as an attack.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -21,6 +24,7 @@ from django.conf import settings
 from devices.models import Device
 from security import topics
 from security.brokers import consumer_usernames
+from security.revocation_sessions import purge_expected
 
 from . import rules
 from .ingest import raise_findings, with_db_retry
@@ -29,6 +33,86 @@ if TYPE_CHECKING:
     from .consumer import Consumer
 
 SUBSCRIBE_LOG = "$SYS/broker/log/M/subscribe"
+DEBUG_LOG_TOPIC = "file:debug"  # lines read from the broker's debug log file, not from the log topic
+DEBUG_LOG_NAME = "broker-debug.log"
+
+log = logging.getLogger("fleetkeeper.consumer")
+
+
+def debug_log_path(broker_dir: str | Path) -> str:
+    """Where the broker writes its debug log when DETECTION_DENIED_PUBLISHES is on (rendered into its config)."""
+    return str(Path(broker_dir) / DEBUG_LOG_NAME)
+
+
+class DebugLogTail:
+    """Follows the broker's debug log file for the lines that matter (``Denied PUBLISH from ...``), the only place
+    Mosquitto 2.0.11 reports a denied publish. The file carries every debug line (two per message delivered), so it
+    is read in large chunks and searched for the marker, and truncated once it passes ``max_bytes`` (Mosquitto
+    appends, O_APPEND, so its next line goes to the new end). Starts at the file's end: lines written while no
+    monitor ran are not replayed (they would raise stale alerts after every restart)."""
+
+    MARK = b"Denied PUBLISH from "
+
+    def __init__(self, path: str, *, max_bytes: int, chunk: int = 8 * 1024 * 1024):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.chunk = chunk
+        self.truncations = 0
+        self.bytes_read = 0
+        self._last = b""  # the bytes just before offset, to notice a file replaced by one of the same size
+        try:  # an existing file: from its end; a file that appears later is new, read from its start
+            st = os.stat(path)
+            self.offset, self.inode = st.st_size, st.st_ino
+        except OSError:
+            self.offset, self.inode = 0, None
+
+    def read(self) -> list[bytes]:
+        try:
+            st = os.stat(self.path)
+        except OSError:  # not there (yet): the broker creates it when it starts with the option on
+            return []
+        if st.st_ino != self.inode or st.st_size < self.offset:  # new, replaced or truncated by someone else
+            self.offset, self.inode = 0, st.st_ino
+        lines: list[bytes] = []
+        size = st.st_size
+        with open(self.path, "rb") as handle:
+            if self.offset and self._last:  # a file recreated with the same inode number: its bytes differ
+                handle.seek(self.offset - len(self._last))
+                if handle.read(len(self._last)) != self._last:
+                    self.offset = 0
+            while self.offset < size:
+                handle.seek(self.offset)
+                data = handle.read(min(self.chunk, size - self.offset))
+                end = data.rfind(b"\n") + 1
+                if not end:  # no complete line yet
+                    if len(data) < self.chunk:
+                        break
+                    end = len(data)  # a single line longer than a chunk: skip it
+                self._collect(data, end, lines)
+                self.offset += end
+                self.bytes_read += end
+                self._last = data[max(0, end - 512) : end]
+            if self.offset >= self.max_bytes:
+                # Read whatever arrived meanwhile, then cut. A line written between that read and the truncation
+                # is lost: a window of microseconds, once per max_bytes of log.
+                handle.seek(self.offset)
+                rest = handle.read()
+                end = rest.rfind(b"\n") + 1
+                self._collect(rest, end, lines)
+                os.truncate(self.path, 0)
+                self.offset, self._last = 0, b""
+                self.truncations += 1
+        return lines
+
+    def _collect(self, data: bytes, end: int, lines: list[bytes]) -> None:
+        find, mark = data.find, self.MARK
+        i = find(mark, 0, end)
+        while i >= 0:
+            start = data.rfind(b"\n", 0, i) + 1
+            stop = find(b"\n", i, end)
+            stop = end if stop < 0 else stop
+            lines.append(data[start:stop])
+            i = find(mark, stop, end)
 
 
 class BrokerLogMonitor:
@@ -48,6 +132,13 @@ class BrokerLogMonitor:
         self.address_of: dict[str, str] = {}
         self.fleet_prefix = settings.FLEET_CLIENT_ID_PREFIX
         self.rx_prefix = settings.MQTT_TOPIC_RX_PREFIX
+        self.tx_prefix = settings.MQTT_TOPIC_TX_PREFIX
+        self.debug_log: DebugLogTail | None = None
+        self.debug_log_read_at = 0.0
+        if settings.DETECTION_DENIED_PUBLISHES:
+            self.debug_log = DebugLogTail(
+                debug_log_path(settings.MQTT_BROKER_DIR), max_bytes=settings.DETECTION_DEBUG_LOG_MAX_BYTES
+            )
 
     def process(self, lines: list[tuple[str, bytes, float]]) -> list[rules.Finding]:
         findings: list[rules.Finding] = []
@@ -100,6 +191,8 @@ class BrokerLogMonitor:
                         },
                     )
                 )
+            elif kind == "denied_publish":
+                findings.append(self._denied_publish(event))
             elif kind == "subscribe":
                 why = rules.subscription_violation(
                     client_id, event.topic_filter, rx_prefix=self.rx_prefix, rx_channels=topics.RX_CHANNELS
@@ -124,8 +217,38 @@ class BrokerLogMonitor:
         return findings
 
     def tick(self) -> None:
-        findings = self._release(time.time())
+        now = time.time()
+        if self.debug_log is not None and now - self.debug_log_read_at >= 0.2:
+            self.debug_log_read_at = now
+            try:
+                lines = self.debug_log.read()
+            except OSError as exc:
+                log.warning("cannot read the broker's debug log %s: %s", self.debug_log.path, exc)
+                lines = []
+            if lines:
+                self.process([(DEBUG_LOG_TOPIC, line, now) for line in lines])
+                return
+        findings = self._release(now)
         with_db_retry(lambda: raise_findings(findings))
+
+    def _denied_publish(self, event: rules.LogEvent) -> rules.Finding:
+        topic = event.topic_filter
+        parts = topic.split("/")
+        target = parts[1] if len(parts) >= 3 and parts[0] in (self.tx_prefix, self.rx_prefix) else ""
+        evidence = {
+            "counts": {"denied_publishes": 1},
+            "samples": [{"topic": topic, "qos": event.qos, "bytes": event.size}],
+            "source": "broker debug log (DETECTION_DENIED_PUBLISHES)",
+        }
+        if target and target != event.client_id:
+            evidence["target_client_id"] = target
+        return rules.Finding(
+            "publish_denied",
+            subject=event.client_id,
+            client_id=event.client_id,
+            summary=f"{event.client_id} tried to publish on {topic!r}, which the broker's ACL denied",
+            evidence=evidence,
+        )
 
     def _forget(self, client_id: str) -> None:
         address = self.address_of.pop(client_id, None)
@@ -159,6 +282,12 @@ class BrokerLogMonitor:
         ids = sorted({e.client_id for e in connects})
         enforced = (Device.Status.ACTIVE, Device.Status.QUARANTINED)
         statuses = dict(Device.objects.filter(client_id__in=ids).values_list("client_id", "status"))
+        # The console's own session purge logs in as a revoked device (security/revocation_sessions.py): not an
+        # unknown client, and not the device's fingerprint.
+        purging = {cid for cid in ids if statuses.get(cid) not in enforced and purge_expected(cid)}
+        if purging:
+            connects = [e for e in connects if e.client_id not in purging]
+            ids = [cid for cid in ids if cid not in purging]
         for event in connects:
             status = statuses.get(event.client_id)
             if event.client_id.startswith(self.fleet_prefix) and status not in enforced:

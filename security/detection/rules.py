@@ -24,19 +24,26 @@ _GONE_RE = re.compile(
     r"^Client (?P<client_id>\S+) (?:disconnected\.|closed its connection\.|has exceeded timeout, disconnecting\.)$"
 )
 _FLAG_RE = re.compile(r"(?P<key>[pck])(?P<value>\d+)")
+# Debug level only (never on the log topic): read from the broker's debug log file when DETECTION_DENIED_PUBLISHES.
+_DENIED_PUBLISH_RE = re.compile(
+    r"^Denied PUBLISH from (?P<client_id>\S+) \(d\d, q(?P<qos>\d), r\d, m\d+, '(?P<topic>.*)', \.\.\. "
+    r"\((?P<size>\d+) bytes\)\)$"
+)
 
 
 @dataclass(frozen=True)
 class LogEvent:
-    kind: str  # new_connection | connected | not_authorised | takeover | oversize | gone | subscribe
+    kind: str  # new_connection | connected | not_authorised | takeover | oversize | gone | subscribe | denied_publish
     client_id: str = ""
     address: str = ""  # source IP (no port)
     port: int = 0
     protocol: int = 0
     clean: int = -1
     keepalive: int = -1
-    topic_filter: str = ""
+    topic_filter: str = ""  # subscribe: the filter; denied_publish: the topic
     line: str = ""
+    qos: int = 0
+    size: int = 0
 
 
 def split_address(value: str) -> tuple[str, int]:
@@ -80,6 +87,15 @@ def parse_log_line(text: str, *, subscribe: bool = False) -> LogEvent | None:
         return LogEvent("oversize", client_id=match["client_id"], line=line)
     if match := _GONE_RE.match(line):
         return LogEvent("gone", client_id=match["client_id"], line=line)
+    if match := _DENIED_PUBLISH_RE.match(line):
+        return LogEvent(
+            "denied_publish",
+            client_id=match["client_id"],
+            topic_filter=match["topic"],
+            qos=int(match["qos"]),
+            size=int(match["size"]),
+            line=line,
+        )
     return None
 
 

@@ -1,9 +1,66 @@
-"""Device replies (acks on tx/<id>/ack, CSRs on tx/<id>/csr) handed over by the MQTT consumer once per batch."""
+"""Device replies (acks on tx/<id>/ack, CSRs on tx/<id>/csr) handed over by the MQTT consumer once per batch.
+
+Runs in the consumer's thread, so it must be quick and must never raise: acks for `credentials` are confirmed in one
+transaction per batch (security.rotation.services.rotations_confirm), the switch is a task enqueued after commit.
+CSRs and certificate acks go to the certificate rotation module. Anything else (acks for commands the console does
+not track here) is ignored.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
+log = logging.getLogger(__name__)
+
+CREDENTIALS = "credentials"
+CERTIFICATE_COMMANDS = ("certificate_renew", "certificate")
+
+# What the inbox saw since the process started (for tests and the consumer's log line).
+stats: Counter = Counter()
+
+
+def route(replies: list[tuple[str, str, dict]]) -> tuple[list[tuple[str, str, str, str]], list, list]:
+    """Pure: split one batch into credential acks (client_id, command_id, status, detail), CSRs and certificate
+    acks (client_id, message)."""
+    credential_acks, csrs, certificate_acks = [], [], []
+    for client_id, channel, message in replies:
+        if channel == "csr":
+            csrs.append((client_id, message))
+        elif channel == "ack":
+            command = message.get("command")
+            if command == CREDENTIALS:
+                credential_acks.append(
+                    (client_id, str(message.get("id", "")), str(message.get("status", "")), message.get("detail") or "")
+                )
+            elif command in CERTIFICATE_COMMANDS:
+                certificate_acks.append((client_id, message))
+    return credential_acks, csrs, certificate_acks
+
 
 def device_replies_received(replies: list[tuple[str, str, dict]]) -> None:
-    """(client_id, channel, decoded message) for every ack and CSR of one consumer batch. Not built yet: the
-    rotation work (issue 7) fills this in; until then replies are only counted by the consumer."""
-    return None
+    """(client_id, channel, decoded message) for every ack and CSR of one consumer batch."""
+    credential_acks, csrs, certificate_acks = route(replies)
+    stats["replies"] += len(replies)
+    if credential_acks:
+        try:
+            from .services import rotations_confirm
+
+            counts = rotations_confirm(acks=credential_acks)
+            stats.update({f"credentials_{k}": v for k, v in counts.items()})
+        except Exception:  # never take the consumer down; the rows stay delivered and are re-sent by the tick
+            stats["errors"] += 1
+            log.exception("rotation inbox: confirming %d credential acks failed", len(credential_acks))
+    if csrs or certificate_acks:
+        try:
+            from . import certificates
+        except ImportError:
+            stats["certificate_unhandled"] += len(csrs) + len(certificate_acks)
+            return
+        for handler, items in ((certificates.csr_received, csrs), (certificates.certificate_acked, certificate_acks)):
+            for client_id, message in items:
+                try:
+                    handler(client_id=client_id, message=message)
+                except Exception:
+                    stats["errors"] += 1
+                    log.exception("rotation inbox: %s for %s failed", handler.__name__, client_id)

@@ -240,6 +240,7 @@ class BulkDetailView(RoleRequiredMixin, View):
         context = {
             "bulk": bulk,
             "counts": counts,
+            "sessions": revocation.bulk_action_session_counts(bulk) if bulk.action == "revoke" else None,
             "settled": bulk.done and not waiting,
             "filters_query": _filters_query(bulk.filters),
             "poll_url": reverse("bulk-action-detail", args=[bulk.pk]),

@@ -16,7 +16,7 @@ from fleetkeeper_device import Backoff, DeviceClient, protocol
 from fleetkeeper_device.simulator import DeviceSpec, Simulation
 from security import services
 from tests.factories import DeviceFactory
-from tests.support.broker import MqttClient
+from tests.support.broker import ConsoleClients
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
@@ -46,13 +46,8 @@ def wait_until(predicate, timeout=5.0):
 
 @pytest.fixture
 def console(mosquitto):
-    """The console's consumer identity: reads tx/+/..., writes rx/+/... ."""
-    client = MqttClient(
-        mosquitto.port,
-        client_id="fleetkeeper-consumer",
-        username=settings.MQTT_CONSUMER_USERNAME,
-        password=settings.MQTT_CONSUMER_PASSWORD,
-    )
+    """The console: the consumer identity reads tx/+/..., the commander identity writes rx/+/... ."""
+    client = ConsoleClients(mosquitto.port)
     assert client.connect() == 0
     assert client.subscribe("tx/+/telemetry", "tx/+/status", "tx/+/ack") == [1, 1, 1]
     yield client

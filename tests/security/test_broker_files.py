@@ -65,6 +65,10 @@ def test_acl_grants_devices_a_finite_set_of_channels_and_nothing_else(db):
     _, policy = render([("device-1", "active", HASH)])
     rules = [line for line in policy.acl.splitlines() if line and not line.startswith("#")]
     patterns = [line for line in rules if line.startswith("pattern")]
+    # The one $SYS pattern: the revocation's session watcher, whose username "N" is the only one %u can make match
+    # a topic the broker publishes ($SYS/broker/log/N); a device reads $SYS/broker/log/<its id>, which never carries
+    # anything (clients cannot publish to $ topics), and no device may be named like a log level (render skips it).
+    assert patterns.pop() == "pattern read $SYS/broker/log/%u"
     assert patterns == [
         "pattern write tx/%u/telemetry",
         "pattern write tx/%u/status",
@@ -75,7 +79,7 @@ def test_acl_grants_devices_a_finite_set_of_channels_and_nothing_else(db):
         "pattern read rx/%u/credentials",
         "pattern read rx/%u/firmware",
     ]
-    assert rules[len(patterns)].startswith("user ")  # no topic line applies to anonymous clients
+    assert rules[len(patterns) + 1].startswith("user ")  # no topic line applies to anonymous clients
     assert "#" not in " ".join(patterns) and "$SYS" not in " ".join(patterns) and "$CONTROL" not in "\n".join(rules)
     # Devices have no user block: the file does not grow with the fleet.
     assert "device-1" not in policy.acl
@@ -92,7 +96,14 @@ def test_console_identities_get_narrow_blocks_outside_the_device_prefix(db, sett
             blocks[current] = []
         elif line.startswith("topic ") and current:
             blocks[current].append(line)
-    assert set(blocks) == {"fleetkeeper-consumer", "fleetkeeper-monitor", "fleetkeeper-probe"}
+    assert set(blocks) == {
+        "fleetkeeper-consumer",
+        "fleetkeeper-monitor",
+        "fleetkeeper-probe",
+        "fleetkeeper-commander",
+    }
+    # The revocation's session watcher ("N"): no user block, a pattern that only its username matches.
+    assert "pattern read $SYS/broker/log/%u" in policy.acl.splitlines() and "user N" not in policy.acl
     assert not any(name.startswith(settings.FLEET_CLIENT_ID_PREFIX) for name in blocks)
     assert blocks["fleetkeeper-monitor"] == ["topic read $SYS/broker/#"]
     assert blocks["fleetkeeper-probe"] == ["topic write rx/fleetkeeper-probe/command"]

@@ -206,6 +206,18 @@ def test_bulk_revoke_of_500_devices_refuses_every_one_in_a_handful_of_reloads(
         actions = DeviceAction.objects.filter(bulk_id=response.json()["id"])
         assert actions.count() == 500
         assert all(a.evidence["connect_attempt"]["refused"] and not a.evidence["in_password_file"] for a in actions)
+        # The broker's own word on the sessions: it logged each of the 500 as dropped (a watcher too slow to subscribe
+        # before a reload says "not observed"; it must never claim "not connected" for a device that was).
+        from collections import Counter
+
+        sessions = Counter(a.evidence["session"]["state"] for a in actions)
+        assert sessions["dropped"] >= 490 and not sessions["not_connected"], sessions
+        from django.test import Client
+
+        page = Client()
+        page.force_login(support)
+        html = page.get(f"/bulk-actions/{response.json()['id']}/").content.decode()
+        assert f"<strong>{sessions['dropped']}</strong> dropped" in html
         # ...and so do we, with the real secrets.
         again = connect_many(mosquitto.port, batch_creds, retry_refused_connect=False)
         assert again.ok == 0 and again.refused == 500

@@ -6,6 +6,7 @@ import json
 import random
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -17,8 +18,8 @@ from devices.models import Device
 from fleetkeeper_device import protocol
 from fleetkeeper_device.simulator import DeviceSpec, Simulation
 from security import services
-from security.detection.periodic import silent_devices_check
 from security.models import Alert, DeviceActivity
+from security.tasks import detect_silent_devices
 from tests.factories import DeviceFactory
 from tests.support.servers import CeleryWorker
 
@@ -32,6 +33,11 @@ WORKER_ENV = {
     "DETECTION_RATE_ABSOLUTE_PER_WINDOW": "120",
     "DETECTION_AUTH_FAILURES_BRUTE_FORCE": "4",
     "DETECTION_PROBE_HOLD_SECONDS": "1.0",
+    # The monitor tails <MQTT_BROKER_DIR>/broker-debug.log; only the test that renders the broker with the option
+    # makes the broker write it (elsewhere the file does not exist and nothing is read).
+    "DETECTION_DENIED_PUBLISHES": "1",
+    # The silence check runs in the worker (the task beat would send), with a short limit.
+    "DETECTION_SILENCE_SECONDS": "3",
 }
 # Every hostile device subscribes to #, +/# and $SYS/# as soon as it connects (fleetkeeper_device/hostile.py).
 ON_CONNECT = {"subscription_violation"}
@@ -200,14 +206,48 @@ def test_cross_device_publish_is_invisible_to_detection(broker, operator):
     assert kinds_for(hostile) == ON_CONNECT
 
 
-def test_honest_devices_raise_nothing_and_their_state_is_recorded(broker, operator):
+def test_cross_device_publish_is_an_acl_alert_for_the_attacker_when_the_debug_log_is_on(broker, operator):
+    """DETECTION_DENIED_PUBLISHES: the broker writes its debug log (with "Denied PUBLISH from <id>") to a file the
+    monitor tails; the attacker gets a publish_denied alert naming the victim's topic, the victim gets nothing."""
+    from django.test.utils import override_settings
+
+    debug_log = Path(settings.MQTT_BROKER_DIR) / "broker-debug.log"
+    with override_settings(DETECTION_DENIED_PUBLISHES=True):
+        specs = fleet(operator, 2, hostile=1)  # renders the config with the debug log file
+        broker.restart()
+    hostile, victim = specs[0].client_id, specs[1].client_id
+
+    def logged(text):
+        return debug_log.exists() and text in debug_log.read_text(errors="replace")
+
+    # The worker's consumer and monitor reconnect to the restarted broker (their subscriptions are logged there).
+    assert wait_for(lambda: logged("fleetkeeper-consumer 1 $share/"), timeout=15), broker.log()[-2000:]
+    assert wait_for(lambda: logged("fleetkeeper-monitor 0 $SYS/broker/log/#"), timeout=15)
+    result = simulate(broker, specs, attacks=("cross_publish",), duration=3.0)
+    assert result["hostile_stats"].get("refused_cross_publish", 0) >= 1
+    assert logged(f"Denied PUBLISH from {hostile}")
+    assert wait_for(lambda: "publish_denied" in kinds_for(hostile), timeout=8), kinds_for(hostile)
+    time.sleep(1.0)
+    assert kinds_for(hostile) == ON_CONNECT | {"publish_denied"}
+    assert kinds_for(victim) == set()
+    alert = Alert.objects.get(client_id=hostile, kind="publish_denied")
+    assert alert.device is not None and alert.device.client_id == hostile
+    assert alert.severity == "high" and alert.evidence["target_client_id"] == victim
+    topics_tried = {sample["topic"] for sample in alert.evidence["samples"]}
+    assert topics_tried <= {f"tx/{victim}/telemetry", f"rx/{victim}/command"} and topics_tried
+    # Every denied attempt updated the one alert.
+    assert alert.occurrences == alert.evidence["counts"]["denied_publishes"] >= 1
+
+
+def test_honest_devices_raise_nothing_over_a_minute_and_their_state_is_recorded(broker, operator):
+    # A minute is twelve of the worker's 5-second windows: the baselines are learned (6 windows) and then checked.
     specs = fleet(operator, 4)
-    simulate(broker, specs, duration=20.0, rate=4.0)
+    simulate(broker, specs, duration=60.0, rate=4.0)
     time.sleep(1.0)
     assert list(Alert.objects.values_list("kind", "client_id")) == []
     for spec in specs:
         activity = DeviceActivity.objects.get(client_id=spec.client_id)
-        assert activity.telemetry >= 40 and activity.malformed == 0
+        assert activity.telemetry >= 150 and activity.malformed == 0
         assert activity.last_status["firmware"] == "1.0.0"
         device = Device.objects.get(client_id=spec.client_id)
         assert device.last_seen is not None
@@ -231,13 +271,17 @@ def test_a_device_silent_past_its_interval_is_flagged_and_the_talking_one_is_not
     specs = fleet(operator, 2)
     simulate(broker, specs, duration=2.0)
     assert wait_for(lambda: Device.objects.filter(last_seen__isnull=False).count() == 2)
-    talking = threading.Thread(target=simulate, args=(broker, specs[:1]), kwargs={"duration": 5.0})
+    talking = threading.Thread(target=simulate, args=(broker, specs[:1]), kwargs={"duration": 6.0})
     talking.start()
     time.sleep(4.0)
-    silent_devices_check(silence_seconds=3)
+    # The beat task, run by the real worker (DETECTION_SILENCE_SECONDS=3 there), as the schedule would send it.
+    detect_silent_devices.apply_async(queue="detection-tests")
+    assert wait_for(lambda: kinds_for(specs[1].client_id) == {"device_silent"}, timeout=10)
     talking.join()
     assert kinds_for(specs[1].client_id) == {"device_silent"}
     assert kinds_for(specs[0].client_id) == set()
+    alert = Alert.objects.get(kind="device_silent")
+    assert alert.device.client_id == specs[1].client_id and alert.evidence["silence_limit_seconds"] == 3
 
 
 def _garbage(rng: random.Random, i: int) -> bytes:

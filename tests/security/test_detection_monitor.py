@@ -43,6 +43,16 @@ def test_an_unknown_id_with_the_fleet_prefix_is_flagged_and_a_known_one_is_not(c
     assert set(Alert.objects.values_list("kind", "client_id")) == {("unknown_client", "device-ghost")}
 
 
+def test_the_consoles_session_purge_login_is_not_an_unknown_client_but_a_revoked_device_is(consumer):
+    from security.revocation_sessions import _purge_announce
+
+    DeviceFactory(client_id="device-purged", status="revoked")
+    DeviceFactory(client_id="device-back", status="revoked")
+    _purge_announce(["device-purged"])  # what the purge does before it logs in as the revoked device
+    feed(consumer, connected("device-purged", p=5, c=0), connected("device-back", port=40001))
+    assert set(Alert.objects.values_list("kind", "client_id")) == {("unknown_client", "device-back")}
+
+
 def test_two_alternating_fingerprints_on_one_id_are_a_cloned_credential(consumer):
     DeviceFactory(client_id="device-twin")
     a = connected("device-twin", address="10.0.0.5", k=60)
@@ -113,3 +123,95 @@ def test_messages_far_larger_than_the_devices_usual_size_are_a_size_anomaly(cons
             time.sleep(1.0)
         consumer.process([_telemetry("device-big", 20.0, size_pad=8000, seq=9)])
     assert set(Alert.objects.values_list("kind", flat=True)) == {"size_anomaly"}
+
+
+# --- denied publishes, read from the broker's debug log file (DETECTION_DENIED_PUBLISHES) ---------------------
+
+DENIED = "Denied PUBLISH from {id} (d0, q1, r0, m3, '{topic}', ... (57 bytes))"
+
+
+def test_a_denied_publish_line_is_parsed_with_its_topic_even_when_the_topic_has_quotes():
+    from security.detection import rules
+
+    event = rules.parse_log_line("1795331526: " + DENIED.format(id="dev-a", topic="tx/dev-b/it's"))
+    assert (event.kind, event.client_id, event.topic_filter, event.qos, event.size) == (
+        "denied_publish",
+        "dev-a",
+        "tx/dev-b/it's",
+        1,
+        57,
+    )
+
+
+def test_the_debug_log_tail_finds_denied_publishes_across_partial_writes_and_truncates(tmp_path):
+    from security.detection.monitor import DebugLogTail
+
+    path = tmp_path / "broker-debug.log"
+    path.write_bytes(
+        b"1: old line before the monitor started\n1: " + DENIED.format(id="old", topic="x").encode() + b"\n"
+    )
+    tail = DebugLogTail(str(path), max_bytes=4096, chunk=512)
+    assert tail.read() == []  # an existing file is followed from its end: no stale alerts after a restart
+    noise = b"1: Received PUBLISH from dev-x (d0, q0, r0, m0, 'tx/dev-x/telemetry', ... (200 bytes))\n" * 20
+    denied = DENIED.format(id="dev-a", topic="tx/dev-b/telemetry").encode()
+    with path.open("ab") as handle:
+        handle.write(noise + b"1: " + denied[:20])  # the broker is mid-line
+    assert tail.read() == []
+    with path.open("ab") as handle:
+        handle.write(denied[20:] + b"\n" + noise)
+    assert tail.read() == [b"1: " + denied]
+    with path.open("ab") as handle:  # past max_bytes: read, then cut
+        handle.write(noise * 3 + b"1: " + denied + b"\n")
+    assert tail.read() == [b"1: " + denied] and tail.truncations == 1 and path.stat().st_size == 0
+    with path.open("ab") as handle:
+        handle.write(b"1: " + denied + b"\n")
+    assert tail.read() == [b"1: " + denied]
+    path.unlink()  # the broker's directory was cleaned: a new file is read from its start
+    assert tail.read() == []
+    path.write_bytes(b"2: " + denied + b"\n")  # even with the same inode number and size
+    assert tail.read() == [b"2: " + denied]
+
+
+def test_denied_publishes_from_the_debug_log_are_one_publish_denied_alert_per_device(tmp_path):
+    DeviceFactory(client_id="device-thief")
+    with override_settings(DETECTION_DENIED_PUBLISHES=True, MQTT_BROKER_DIR=tmp_path, DETECTION_PROBE_HOLD_SECONDS=0.0):
+        consumer = Consumer(replica=1, monitor=True)
+        path = tmp_path / "broker-debug.log"
+        lines = [
+            DENIED.format(id="device-thief", topic="tx/device-victim/telemetry"),
+            DENIED.format(id="device-thief", topic="rx/device-victim/command"),
+            DENIED.format(id=settings.MQTT_PROBE_USERNAME, topic="tx/x/telemetry"),  # the console's own: ignored
+        ]
+        path.write_text("".join(f"1795331526: {line}\n" for line in lines))
+        consumer.monitor.debug_log_read_at = 0.0
+        consumer.monitor.tick()
+    alert = Alert.objects.get()
+    assert (alert.kind, alert.client_id, alert.severity, alert.occurrences) == (
+        "publish_denied",
+        "device-thief",
+        "high",
+        2,
+    )
+    assert alert.device.client_id == "device-thief"
+    assert alert.evidence["target_client_id"] == "device-victim"
+    assert [s["topic"] for s in alert.evidence["samples"]] == ["tx/device-victim/telemetry", "rx/device-victim/command"]
+
+
+def test_messages_the_broker_drops_are_counted_and_each_increase_is_a_warning(consumer, caplog):
+    class Message:
+        topic = "$SYS/broker/publish/messages/dropped"
+
+        def __init__(self, payload):
+            self.payload = payload
+
+    consumer._report()  # nothing heard from the broker yet: nothing to say
+    consumer._on_log_message(None, None, Message(b"7"))  # the broker's count since it started: history
+    consumer._report()
+    assert consumer.stats.broker_dropped == 7 and "dropped" not in caplog.text
+    consumer._on_log_message(None, None, Message(b"12"))
+    consumer._report()
+    assert "the broker dropped 5 more messages (12 since it started)" in caplog.text
+    stored = redis.Redis.from_url(settings.REDIS_URL).hget(
+        f"{settings.DETECTION_REDIS_PREFIX}:consumer:{consumer.username}", "broker_dropped"
+    )
+    assert stored == b"12"

@@ -10,7 +10,7 @@ from security import services
 from security.brokers.render import hash_secret
 from security.models import DeviceCredential
 from tests.factories import DeviceFactory
-from tests.support.broker import MqttClient, raw_connect_code
+from tests.support.broker import ConsoleClients, MqttClient, raw_connect_code
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
@@ -39,7 +39,10 @@ def connect(port, client_id, username=None, password=None, **kwargs):
 
 
 def consumer(port):
-    return connect(port, "fleetkeeper-consumer", settings.MQTT_CONSUMER_USERNAME, settings.MQTT_CONSUMER_PASSWORD)
+    """The console: reads tx/+/... as the consumer identity, sends rx/<id>/... as the commander identity."""
+    console = ConsoleClients(port)
+    assert console.connect() == 0
+    return console
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from security.pki import services as pki
 from security.pki.sessions import device_sessions_cut_off
 from tests.factories import DeviceFactory
 from tests.security.pki_helpers import csr_for, foreign_ca_certificate, key_pem, sign_with_console_ca
-from tests.support.broker import MqttClient, TlsFiles
+from tests.support.broker import ConsoleClients, MqttClient, TlsFiles
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
@@ -55,12 +55,8 @@ def tls(mosquitto, tmp_path):
         return client
 
     def consumer():
-        client = MqttClient(
-            mosquitto.port,
-            client_id=settings.MQTT_CONSUMER_USERNAME,
-            username=settings.MQTT_CONSUMER_USERNAME,
-            password=settings.MQTT_CONSUMER_PASSWORD,
-        )
+        """The console: reads as the consumer identity, sends to devices as the commander identity."""
+        client = ConsoleClients(mosquitto.port)
         clients.append(client)
         assert client.connect() == 0
         return client

@@ -139,8 +139,8 @@ def test_reconcile_repairs_a_hand_edited_acl(mosquitto, operator):
         console = MqttClient(
             mosquitto.port,
             client_id="c",
-            username=settings.MQTT_CONSUMER_USERNAME,
-            password=settings.MQTT_CONSUMER_PASSWORD,
+            username=settings.MQTT_COMMANDER_USERNAME,
+            password=settings.MQTT_COMMANDER_PASSWORD,
         )
         assert console.connect() == 0
         console.publish("rx/device-other/command", b"leak")

@@ -6,7 +6,6 @@ import signal
 import time
 
 import pytest
-from django.conf import settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -15,7 +14,7 @@ from security import services
 from security.models import AuditEvent, DeviceAction, EnforcementChange
 from security.tasks import reconcile_broker
 from tests.factories import DeviceFactory
-from tests.support.broker import MqttClient, raw_connect_code
+from tests.support.broker import ConsoleClients, MqttClient, raw_connect_code
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -121,12 +120,7 @@ def test_quarantined_device_receives_credentials_but_cannot_publish_telemetry(
 ):
     device, secret = live_device("device-quar1")
     dev = MqttClient(mosquitto.port, client_id="device-quar1", username="device-quar1", password=secret)
-    console = MqttClient(
-        mosquitto.port,
-        client_id="fleetkeeper-consumer",
-        username=settings.MQTT_CONSUMER_USERNAME,
-        password=settings.MQTT_CONSUMER_PASSWORD,
-    )
+    console = ConsoleClients(mosquitto.port)  # reads as the consumer, sends as the commander
     assert dev.connect() == 0 and console.connect() == 0
     try:
         dev.subscribe("rx/device-quar1/#")

@@ -210,6 +210,58 @@ class MqttClient:
             self.client.loop_stop()
 
 
+class ConsoleClients:
+    """The console as tests need it: the consumer identity reads devices' tx channels, the commander identity (the
+    only console identity allowed to write rx/+/...) sends to devices. Reads go to the consumer, publishes to the
+    commander, so a test exercises the same least-privilege split as production."""
+
+    def __init__(self, port: int, *, host: str = "127.0.0.1"):
+        from django.conf import settings
+
+        self.reader = MqttClient(
+            port,
+            host=host,
+            client_id=settings.MQTT_CONSUMER_USERNAME,
+            username=settings.MQTT_CONSUMER_USERNAME,
+            password=settings.MQTT_CONSUMER_PASSWORD,
+        )
+        self.sender = MqttClient(
+            port,
+            host=host,
+            client_id=settings.MQTT_COMMANDER_USERNAME,
+            username=settings.MQTT_COMMANDER_USERNAME,
+            password=settings.MQTT_COMMANDER_PASSWORD,
+        )
+
+    def connect(self, timeout: float = 5.0) -> int:
+        return self.reader.connect(timeout) or self.sender.connect(timeout)
+
+    def subscribe(self, *filters: str, qos: int = 1, timeout: float = 5.0) -> list[int]:
+        return self.reader.subscribe(*filters, qos=qos, timeout=timeout)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, timeout: float = 5.0):
+        return self.sender.publish(topic, payload, qos=qos, timeout=timeout)
+
+    def wait_for(self, predicate, timeout: float = 3.0) -> bool:
+        return self.reader.wait_for(predicate, timeout)
+
+    def payloads(self) -> list[bytes]:
+        return self.reader.payloads()
+
+    def topics(self) -> list[str]:
+        return self.reader.topics()
+
+    @property
+    def messages(self):
+        return self.reader.messages
+
+    def close(self) -> None:
+        try:
+            self.reader.close()
+        finally:
+            self.sender.close()
+
+
 class TlsFiles:
     """A client certificate, its key and the CA chain to trust, as an SSL context for paho (TLS 1.2 or newer)."""
 
