@@ -146,16 +146,18 @@ def _schedule_save(policy: RotationPolicy, schedule: Schedule | None) -> Periodi
     return task
 
 
-def rotation_defaults_ensure(*, actor=None) -> RotationPolicy:
+def rotation_defaults_ensure(*, actor=None, audit: bool = True) -> RotationPolicy:
     """The fleet default policy (with its schedule) and the rotation tick, created when missing. Idempotent. ``actor``:
-    whose action made them necessary (the first rotation, the first visit of the policy page), for the audit log."""
+    whose action made them necessary (the first rotation, the first visit of the policy page), for the audit log.
+    ``audit=False`` at install (post_migrate): part of the schema's defaults like the roles, not an operator's act."""
     with transaction.atomic():
         policy = RotationPolicy.objects.filter(scope=RotationPolicy.Scope.FLEET).first()
         if policy is None:
             policy = RotationPolicy.objects.create(name=FLEET_POLICY_NAME, scope=RotationPolicy.Scope.FLEET)
-            audit_record(
-                actor=actor or "system", action="rotation_policy.create", target=policy, after=_snapshot(policy)
-            )
+            if audit:
+                audit_record(
+                    actor=actor or "system", action="rotation_policy.create", target=policy, after=_snapshot(policy)
+                )
         if policy.periodic_task_id is None:
             _schedule_save(policy, None)
         if not PeriodicTask.objects.filter(task=TICK_TASK).exists():
@@ -177,7 +179,7 @@ def rotation_defaults_ensure(*, actor=None) -> RotationPolicy:
 
 def rotation_defaults_post_migrate(sender=None, **kwargs) -> None:
     """For SecurityConfig.ready (post_migrate): the defaults exist after every migrate and flush."""
-    rotation_defaults_ensure()
+    rotation_defaults_ensure(audit=False)
 
 
 def _snapshot(policy: RotationPolicy) -> dict:
