@@ -125,32 +125,49 @@ def client_id(n: int) -> str:
 
 
 def create_fleet(start: int, stop: int, iterations: int) -> None:
+    devices_create(start, stop, iterations=iterations, name=client_id, secret=secret_for)
+
+
+def devices_create(start: int, stop: int, *, iterations: int, name, secret, issued_at=None) -> None:
+    """Devices ``name(n)`` for n in [start, stop), each with the broker secret ``secret(n)``, in bulk (10,000 per
+    round): what every benchmark's fleet is made of. ``issued_at`` (default now) dates their credentials."""
     from django.utils import timezone
 
     from devices.models import Device
     from security.brokers.render import hash_secret
     from security.models import DeviceCredential
 
-    now = timezone.now()
+    issued_at = issued_at or timezone.now()
     for chunk in range(start, stop, 10_000):
         end = min(stop, chunk + 10_000)
-        Device.objects.bulk_create([Device(client_id=client_id(n)) for n in range(chunk, end)], batch_size=5000)
+        Device.objects.bulk_create([Device(client_id=name(n)) for n in range(chunk, end)], batch_size=5000)
         pks = dict(
-            Device.objects.filter(client_id__gte=client_id(chunk), client_id__lte=client_id(end - 1)).values_list(
+            Device.objects.filter(client_id__gte=name(chunk), client_id__lte=name(end - 1)).values_list(
                 "client_id", "pk"
             )
         )
         DeviceCredential.objects.bulk_create(
             [
                 DeviceCredential(
-                    device_id=pks[client_id(n)],
-                    password_hash=hash_secret(secret_for(n), iterations=iterations),
-                    issued_at=now,
+                    device_id=pks[name(n)],
+                    password_hash=hash_secret(secret(n), iterations=iterations),
+                    issued_at=issued_at,
                 )
                 for n in range(chunk, end)
             ],
             batch_size=5000,
         )
+
+
+def fleet_only(prefix: str) -> int:
+    """Decommission every device outside ``prefix`` (they stay in the table, off the broker policy), so a benchmark
+    measures its own fleet; returns how many of its own devices exist already."""
+    from devices.models import Device
+
+    Device.objects.exclude(client_id__startswith=prefix).exclude(status="decommissioned").update(
+        status="decommissioned"
+    )
+    return Device.objects.filter(client_id__startswith=prefix).count()
 
 
 def revoke_quietly(n: int) -> None:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .broker import Broker, record
+from .broker import Broker, devices_create, fleet_only, record
 from .mqtt_raw import close_all, connect_many
 
 PREFIX = "device-r"
@@ -108,36 +108,7 @@ class Worker:
 def top_up_fleet(total: int, iterations: int) -> None:
     """Exactly ``total`` enforced devices: this benchmark's own, created as needed; the other benchmarks' devices
     are decommissioned (they stay in the table but leave the broker policy)."""
-    from django.utils import timezone
-
-    from devices.models import Device
-    from security.brokers.render import hash_secret
-    from security.models import DeviceCredential
-
-    Device.objects.exclude(client_id__startswith=PREFIX).exclude(status="decommissioned").update(
-        status="decommissioned"
-    )
-    have = Device.objects.filter(client_id__startswith=PREFIX).count()
-    now = timezone.now()
-    for chunk in range(have, total, 10_000):
-        end = min(total, chunk + 10_000)
-        Device.objects.bulk_create([Device(client_id=rev_client_id(n)) for n in range(chunk, end)], batch_size=5000)
-        pks = dict(
-            Device.objects.filter(
-                client_id__gte=rev_client_id(chunk), client_id__lte=rev_client_id(end - 1)
-            ).values_list("client_id", "pk")
-        )
-        DeviceCredential.objects.bulk_create(
-            [
-                DeviceCredential(
-                    device_id=pks[rev_client_id(n)],
-                    password_hash=hash_secret(rev_secret(n), iterations=iterations),
-                    issued_at=now,
-                )
-                for n in range(chunk, end)
-            ],
-            batch_size=5000,
-        )
+    devices_create(fleet_only(PREFIX), total, iterations=iterations, name=rev_client_id, secret=rev_secret)
 
 
 def _wait_closed(sock: socket.socket, timeout: float) -> float | None:

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .broker import Broker, record
+from .broker import Broker, devices_create, fleet_only, record
 from .mqtt_raw import _remaining_length, _string, connect_packet
 
 PREFIX = "device-rot"
@@ -350,40 +350,16 @@ class DeviceProcess:
 
 
 def create_fleet(total: int, iterations: int) -> None:
-    """Exactly ``total`` devices with secrets on the broker: this benchmark's own; every other device is
-    decommissioned (it stays in the table, off the broker)."""
+    """Exactly ``total`` devices with secrets on the broker: this benchmark's own, with credentials 120 days old (due
+    for rotation); every other device is decommissioned (it stays in the table, off the broker)."""
     import datetime
 
     from django.utils import timezone
 
-    from devices.models import Device
-    from security.brokers.render import hash_secret
-    from security.models import DeviceCredential
-
-    Device.objects.exclude(client_id__startswith=PREFIX).exclude(status="decommissioned").update(
-        status="decommissioned"
-    )
-    have = Device.objects.filter(client_id__startswith=PREFIX).count()
     issued = timezone.now() - datetime.timedelta(days=120)
-    for chunk in range(have, total, 5_000):
-        end = min(total, chunk + 5_000)
-        Device.objects.bulk_create([Device(client_id=rot_client_id(n)) for n in range(chunk, end)], batch_size=5000)
-        pks = dict(
-            Device.objects.filter(
-                client_id__gte=rot_client_id(chunk), client_id__lte=rot_client_id(end - 1)
-            ).values_list("client_id", "pk")
-        )
-        DeviceCredential.objects.bulk_create(
-            [
-                DeviceCredential(
-                    device_id=pks[rot_client_id(n)],
-                    password_hash=hash_secret(rot_secret(n), iterations=iterations),
-                    issued_at=issued,
-                )
-                for n in range(chunk, end)
-            ],
-            batch_size=5000,
-        )
+    devices_create(
+        fleet_only(PREFIX), total, iterations=iterations, name=rot_client_id, secret=rot_secret, issued_at=issued
+    )
 
 
 class Consumer:

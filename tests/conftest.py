@@ -121,3 +121,24 @@ def mosquitto(mqtt_test_settings, render_broker_files):
             _shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def devices():
+    """Start real devices (fleetkeeper_device.DeviceClient) on the test broker: ``devices(client_id, secret, **kw)``;
+    quick reconnects, stopped at the end of the test."""
+    from fleetkeeper_device import Backoff, DeviceClient
+
+    started = []
+
+    def make(client_id, secret, **kwargs):
+        kwargs.setdefault("backoff", Backoff(initial=0.2, maximum=1.0))
+        kwargs.setdefault("stable_after", 1.0)
+        device = DeviceClient(client_id, host="127.0.0.1", port=settings.MQTT_PORT, secret=secret, **kwargs)
+        started.append(device)
+        device.start()
+        return device
+
+    yield make
+    for device in started:
+        device.stop()

@@ -54,23 +54,6 @@ def console(mosquitto):
     client.close()
 
 
-@pytest.fixture
-def devices():
-    started = []
-
-    def make(client_id, secret, **kwargs):
-        kwargs.setdefault("backoff", Backoff(initial=0.2, maximum=1.0))
-        kwargs.setdefault("stable_after", 1.0)
-        device = DeviceClient(client_id, host="127.0.0.1", port=settings.MQTT_PORT, secret=secret, **kwargs)
-        started.append(device)
-        device.start()
-        return device
-
-    yield make
-    for device in started:
-        device.stop()
-
-
 def messages_on(console, topic):
     return [protocol.decode(m.payload) for m in list(console.messages) if m.topic == topic]
 

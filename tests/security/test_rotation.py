@@ -12,7 +12,6 @@ from django.conf import settings
 from django.db import connection
 
 from devices.models import Device
-from fleetkeeper_device import Backoff, DeviceClient
 from security import services
 from security.models import Alert, AuditEvent, CredentialRotation, DeviceActivity, DeviceCredential, EnforcementChange
 from security.rotation import services as rotation
@@ -73,23 +72,6 @@ def broker(roles_present, mosquitto, rotation_worker):
     r = redis.Redis.from_url(settings.REDIS_URL)
     for key in r.scan_iter("fleetkeeper:rotation-switches:*"):
         r.delete(key)
-
-
-@pytest.fixture
-def devices():
-    started = []
-
-    def make(client_id, secret, **kwargs):
-        kwargs.setdefault("backoff", Backoff(initial=0.2, maximum=1.0))
-        kwargs.setdefault("stable_after", 1.0)
-        device = DeviceClient(client_id, host="127.0.0.1", port=settings.MQTT_PORT, secret=secret, **kwargs)
-        started.append(device)
-        device.start()
-        return device
-
-    yield make
-    for device in started:
-        device.stop()
 
 
 def live(operator, client_id, worker):

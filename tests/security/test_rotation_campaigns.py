@@ -442,7 +442,6 @@ def test_campaign_page_shows_waves_the_pause_reason_and_the_debt_and_polls_while
 from tests.security.test_rotation import (  # noqa: E402  (H2's fixtures: the worker with the consumer, the broker)
     accepted,
     broker,  # noqa: F401
-    devices,  # noqa: F401
     roles_present,  # noqa: F401
     rotation_worker,  # noqa: F401
     start_worker,
