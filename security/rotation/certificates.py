@@ -94,7 +94,7 @@ def certificate_renew_deliver_many(*, rotation_ids: list[int]) -> dict:
     now = timezone.now()
     with transaction.atomic():
         rows = list(
-            CredentialRotation.objects.select_for_update()
+            CredentialRotation.objects.select_for_update(of=("self",))  # PostgreSQL: not the outer join's side
             .select_related("new_certificate")
             .filter(
                 pk__in=list(rotation_ids),
@@ -344,7 +344,7 @@ def certificate_rotations_finish(*, now=None, limit: int = 500) -> int:
     for rotation_id in ids:
         with audit_context(service=SERVICE), transaction.atomic():
             rotation = (
-                CredentialRotation.objects.select_for_update()
+                CredentialRotation.objects.select_for_update(of=("self",))  # PostgreSQL: not the outer join's side
                 .select_related("old_certificate", "new_certificate")
                 .filter(pk=rotation_id, state=CredentialRotation.State.CONFIRMED)
                 .first()
