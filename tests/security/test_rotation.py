@@ -249,7 +249,12 @@ def test_killing_the_worker_mid_batch_and_restarting_it_completes_the_batch_with
         timeout=60,
         interval=1.0,
     ), (
-        [(d.client_id, d.connected, d.store.load().previous is None) for d in fleet],
+        # Only the devices that are not there yet, with what they went through (for a failure's diagnosis).
+        [
+            (d.client_id, d.connected, d.store.load().previous is None, dict(d.stats))
+            for d in fleet
+            if not (d.connected and d.store.load().previous is None)
+        ],
         list(CredentialRotation.objects.filter(pk__in=ids).values_list("client_id", "state", "attempts")),
         list(EnforcementChange.objects.filter(kind="credential.rotate").values_list("pk", "state")),
     )
