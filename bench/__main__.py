@@ -6,16 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import sys
 import tempfile
 import time
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from bench.processes import free_port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             "FLEET_ENV": "dev",
             "FLEET_VAR_DIR": workdir,
             "DATABASE_URL": f"sqlite:///{workdir}/bench.sqlite3",
-            "MQTT_PORT": str(_free_port()),
-            "MQTT_TLS_PORT": str(_free_port()),
+            "MQTT_PORT": str(free_port()),
+            "MQTT_TLS_PORT": str(free_port()),
             "MQTT_BROKER_DIR": f"{workdir}/mosquitto",
             "LOG_LEVEL": "WARNING",
         }

@@ -27,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from security.detection.wire import connect_packet, publish_packet
+
 from .broker import RESULTS, record
-from .mqtt_raw import _remaining_length, _string, connect_packet
 
 IDLE_SECONDS = 3.0  # a subscriber reports once nothing has arrived for this long
 
@@ -64,19 +65,53 @@ def ensure_fleet(devices: int) -> None:
     )
 
 
-def publish_packet(topic: str, payload: bytes) -> bytes:
-    body = _string(topic) + payload
-    return bytes([0x30]) + _remaining_length(len(body)) + body
+def ing_payload_key(n: int) -> bytes:
+    """A fixed payload key per bench device (so runs are repeatable); real keys are random (payload_key_issue)."""
+    import hashlib
+
+    return hashlib.sha256(f"bench-payload-key-{n}".encode()).digest()
 
 
-def build_traffic(devices: int, per_device: int, seed: int = 5) -> list[bytes]:
-    """One buffer of PUBLISH packets per device: valid telemetry, values in a steady range."""
+def ensure_payload_keys(devices: int) -> None:
+    """Every bench device gets its payload key row (encrypted at rest like any other); not required, so the clear
+    runs are accepted as before."""
+    from devices.models import Device
+    from fleetkeeper_device import sealing
+    from security.models import PayloadKey
+    from security.payloads import key_encrypt
+
+    have = set(PayloadKey.objects.filter(client_id__startswith="device-ing").values_list("client_id", flat=True))
+    pks = dict(Device.objects.filter(client_id__startswith="device-ing").values_list("client_id", "pk"))
+    rows = []
+    for n in range(devices):
+        client_id = ing_client_id(n)
+        if client_id in have:
+            continue
+        raw = ing_payload_key(n)
+        key_id = sealing.key_id(raw).hex()
+        rows.append(
+            PayloadKey(
+                device_id=pks[client_id],
+                client_id=client_id,
+                key_id=key_id,
+                encrypted_key=key_encrypt(raw, client_id=client_id, key_id=key_id),
+            )
+        )
+    PayloadKey.objects.bulk_create(rows, batch_size=2000)
+
+
+def build_traffic(devices: int, per_device: int, seed: int = 5, *, sealed: bool = False) -> list[bytes]:
+    """One buffer of PUBLISH packets per device: valid telemetry, values in a steady range. ``sealed``: the same
+    messages sealed with the device's payload key (fleetkeeper_device.sealing, 43 bytes more each)."""
+    from fleetkeeper_device import sealing
+
     rng = random.Random(seed)
     buffers = []
     now = time.time()
     for n in range(devices):
         client_id = ing_client_id(n)
         topic = f"tx/{client_id}/telemetry"
+        key = sealing.PayloadKey(ing_payload_key(n)) if sealed else None
         packets = []
         for seq in range(per_device):
             values = {
@@ -95,6 +130,10 @@ def build_traffic(devices: int, per_device: int, seed: int = 5) -> list[bytes]:
             }
             payload = json.dumps(message, separators=(",", ":")).encode()
             payload += b" " * max(0, 200 - len(payload))  # ~200-byte payloads, like the baseline measurements
+            if key is not None:
+                payload = key.seal(
+                    payload, topic=topic, client_id=client_id, counter=seq + 1, direction=sealing.DEVICE_TO_CONSOLE
+                )
             packets.append(publish_packet(topic, payload))
         buffers.append(b"".join(packets))
     return buffers
@@ -105,7 +144,9 @@ def connect_devices(port: int, devices: int) -> list[socket.socket]:
     for n in range(devices):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(connect_packet(ing_client_id(n), ing_client_id(n), ing_secret(n), keepalive=600))
+        sock.sendall(
+            connect_packet(client_id=ing_client_id(n), username=ing_client_id(n), password=ing_secret(n), keepalive=600)
+        )
         ack = sock.recv(4)
         if len(ack) < 4 or ack[0] != 0x20 or ack[3] != 0:
             raise RuntimeError(f"{ing_client_id(n)} was refused by the broker: {ack!r}")
@@ -335,7 +376,7 @@ def run(*, devices: int = 200, per_device: int = 500) -> list:
     from security.brokers import broker_config, get_adapter
 
     from .broker import Broker
-    from .revocation import Redis
+    from .processes import Redis
 
     redis_server = Redis()
     env = {
@@ -354,6 +395,7 @@ def run(*, devices: int = 200, per_device: int = 500) -> list:
             from security.services import policy_desired
 
             ensure_fleet(devices)
+            ensure_payload_keys(devices)
             cfg = broker_config()
             Path(cfg.broker_dir).mkdir(parents=True, exist_ok=True)
             get_adapter().write(policy_desired())
@@ -366,10 +408,15 @@ def run(*, devices: int = 200, per_device: int = 500) -> list:
                 flush=True,
             )
             buffers = build_traffic(devices, per_device)
+            sealed_buffers = build_traffic(devices, per_device, sealed=True)
             sockets = connect_devices(cfg.port, devices)
             try:
                 bare = _run_once("bare paho subscriber", "bare", 1, env, sockets, buffers, total, broker)
                 one = _run_once("one consumer, every detector", "consumer", 1, env, sockets, buffers, total, broker)
+                # The same messages sealed (payload encryption): opened, replay-checked, then the same work.
+                sealed = _run_once(
+                    "one consumer, sealed payloads", "consumer", 1, env, sockets, sealed_buffers, total, broker
+                )
                 two = _run_once(
                     "two consumers, shared subscription", "consumer", 2, env, sockets, buffers, total, broker
                 )
@@ -403,6 +450,16 @@ def run(*, devices: int = 200, per_device: int = 500) -> list:
         baseline_label="one consumer",
         note=f"{two['rate'] / one['rate']:.2f}x one consumer (target > 1: "
         f"{'PASS' if two['rate'] > one['rate'] else 'FAIL'}); dropped {two['dropped']}",
+    )
+    record(
+        "ingest: one consumer, sealed payloads",
+        sealed["rate"],
+        "msg/s",
+        baseline=bare["rate"],
+        baseline_label="bare paho",
+        note=f"{sealed['rate'] / bare['rate']:.2f} of bare (target >= 0.60: "
+        f"{'PASS' if sealed['rate'] >= 0.6 * bare['rate'] else 'FAIL'}); {sealed['rate'] / one['rate']:.2f} of clear; "
+        f"dropped {sealed['dropped']}",
     )
     ratio_one = one["rate"] / bare["rate"]
     # As ratios with their own verdicts (record's target is "value below target").

@@ -5,30 +5,10 @@ from __future__ import annotations
 
 import selectors
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 
-
-def _string(value: str) -> bytes:
-    data = value.encode()
-    return struct.pack("!H", len(data)) + data
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def connect_packet(client_id: str, username: str, password: str, keepalive: int = 240) -> bytes:
-    variable = _string("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", keepalive)  # v3.1.1, user+pass, clean
-    payload = _string(client_id) + _string(username) + _string(password)
-    body = variable + payload
-    return bytes([0x10]) + _remaining_length(len(body)) + body
+from security.detection.wire import connect_packet  # the one MQTT 3.1.1 encoder (no Django import)
 
 
 @dataclass
@@ -67,7 +47,7 @@ def connect_many(
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.connect_ex((host, port))
         state = {
-            "packet": connect_packet(username, username, password),
+            "packet": connect_packet(client_id=username, username=username, password=password, keepalive=240),
             "sent": 0,
             "buf": b"",
             "cred": (username, password),

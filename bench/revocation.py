@@ -14,19 +14,17 @@ code; only the HTTP server is left out).
 
 from __future__ import annotations
 
-import os
 import selectors
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from .broker import Broker, devices_create, fleet_only, record
 from .mqtt_raw import close_all, connect_many
+from .processes import Redis, Worker
 
 PREFIX = "device-r"
 
@@ -37,72 +35,6 @@ def rev_client_id(n: int) -> str:
 
 def rev_secret(n: int) -> str:
     return f"rev-secret-{n:06d}-0123456789abcdefghijklmnopqrstuvwx"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Redis:
-    """A throwaway redis-server for the Celery queue and the broker lock."""
-
-    def __init__(self):
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = tempfile.mkdtemp(prefix="fleetkeeper-bench-redis-")
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-            + ["--save", "", "--appendonly", "no", "--dir", self.dir, "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Worker:
-    """`celery -A fleet worker --pool=solo` against the bench database, broker and Redis."""
-
-    def __init__(self, redis_url: str):
-        self.log_path = Path(tempfile.mkstemp(prefix="fleetkeeper-bench-worker-", suffix=".log")[1])
-        self._log = self.log_path.open("w")
-        env = {**os.environ, "REDIS_URL": redis_url, "CELERY_BROKER_URL": redis_url, "LOG_LEVEL": "WARNING"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "fleet", "worker", "--pool=solo", "--loglevel=INFO"]
-            + ["--without-gossip", "--without-mingle", "--hostname", f"bench-{os.getpid()}@%h"],
-            cwd=Path(__file__).resolve().parent.parent,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while " ready." not in self.log_path.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("celery worker did not start:\n" + self.log_path.read_text(errors="replace"))
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
-        if not os.environ.get("FLEET_BENCH_KEEP"):
-            self.log_path.unlink(missing_ok=True)
 
 
 def top_up_fleet(total: int, iterations: int) -> None:

@@ -34,8 +34,10 @@ import time
 from collections import deque
 from pathlib import Path
 
+from security.detection.wire import connect_packet, publish_packet, subscribe_packet
+
 from .broker import Broker, devices_create, fleet_only, record
-from .mqtt_raw import _remaining_length, _string, connect_packet
+from .processes import Consumer, Redis, Worker
 
 PREFIX = "device-rot"
 CANARY = 100
@@ -52,16 +54,6 @@ def rot_secret(n: int) -> str:
 
 
 # --- the simulated devices (child process; no Django) ----------------------------------------------------------------
-
-
-def _publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
-    body = _string(topic) + packet_id.to_bytes(2, "big") + payload
-    return bytes([0x32]) + _remaining_length(len(body)) + body  # QoS 1
-
-
-def _subscribe_packet(topic_filter: str, packet_id: int) -> bytes:
-    body = packet_id.to_bytes(2, "big") + _string(topic_filter) + bytes([1])
-    return bytes([0x82]) + _remaining_length(len(body)) + body
 
 
 class _Device:
@@ -117,7 +109,9 @@ class Fleet:
         sock.connect_ex(("127.0.0.1", self.port))
         device.sock, device.buf, device.out = sock, bytearray(), bytearray()
         password = device.new_secret if device.trying_new else device.secret
-        device.out += connect_packet(device.client_id, device.client_id, password)
+        device.out += connect_packet(
+            client_id=device.client_id, username=device.client_id, password=password, keepalive=240
+        )
         self.selector.register(sock, selectors.EVENT_WRITE, device)
         self.in_flight += 1
 
@@ -188,8 +182,8 @@ class Fleet:
         )
         self._send(
             device,
-            _subscribe_packet(f"{self.rx}/{device.client_id}/#", device.next_id())
-            + _publish_packet(f"{self.tx}/{device.client_id}/status", status, device.next_id()),
+            subscribe_packet(device.next_id(), [(f"{self.rx}/{device.client_id}/#", 1)])
+            + publish_packet(f"{self.tx}/{device.client_id}/status", status, qos=1, packet_id=device.next_id()),
         )
 
     def _on_publish(self, device: _Device, flags: int, body: bytes) -> None:
@@ -212,7 +206,7 @@ class Fleet:
         ack = self.protocol.encode(
             "ack", id=message["id"], ts=round(time.time(), 3), command="credentials", status="ok"
         )
-        self._send(device, _publish_packet(f"{self.tx}/{device.client_id}/ack", ack, device.next_id()))
+        self._send(device, publish_packet(f"{self.tx}/{device.client_id}/ack", ack, qos=1, packet_id=device.next_id()))
         self.stats["acks"] += 1
 
     def _on_readable(self, device: _Device) -> None:
@@ -360,34 +354,6 @@ def create_fleet(total: int, iterations: int) -> None:
     devices_create(
         fleet_only(PREFIX), total, iterations=iterations, name=rot_client_id, secret=rot_secret, issued_at=issued
     )
-
-
-class Consumer:
-    """`manage.py consume` (the MQTT consumer as its own process, as a worker replica runs it)."""
-
-    def __init__(self, redis_url: str):
-        import tempfile
-
-        self.log_path = Path(tempfile.mkstemp(prefix="fleetkeeper-bench-consumer-", suffix=".log")[1])
-        self._log = self.log_path.open("w")
-        env = {**os.environ, "REDIS_URL": redis_url, "CELERY_BROKER_URL": redis_url, "LOG_LEVEL": "WARNING"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "consume", "--no-monitor", "--report-every", "30"],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
-        if not os.environ.get("FLEET_BENCH_KEEP"):
-            self.log_path.unlink(missing_ok=True)
 
 
 def _wait(predicate, *, timeout: float, what: str, progress=None, every: float = 1.0, since: float | None = None):
@@ -586,8 +552,6 @@ def run(*, devices: int) -> None:
 
     from fleet.celery import app
     from security.brokers import broker_config
-
-    from .revocation import Redis, Worker
 
     redis = Redis()
     settings.REDIS_URL = settings.CELERY_BROKER_URL = redis.url

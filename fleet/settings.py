@@ -232,6 +232,18 @@ MQTT_PLAIN_LISTENER = env.bool("MQTT_PLAIN_LISTENER", default=True)
 # security/pki/tasks.py is not an app's tasks module: the worker imports it by name.
 CELERY_IMPORTS = ["security.pki.tasks"]
 
+# --- Posture audit (docs/posture.md): probes the console's broker the way an attacker would
+# The whole audit stops after this many seconds (checks left are reported "unknown"); each wait inside a check is
+# bounded by the check timeout (a check as a whole by three times it).
+POSTURE_TIMEOUT_SECONDS = env.float("POSTURE_TIMEOUT_SECONDS", default=20.0)
+POSTURE_CHECK_TIMEOUT_SECONDS = env.float("POSTURE_CHECK_TIMEOUT_SECONDS", default=3.0)
+# The message the oversize check publishes: far above MQTT_MAX_PACKET_SIZE, far below what would hurt the broker.
+POSTURE_OVERSIZE_BYTES = env.int("POSTURE_OVERSIZE_BYTES", default=1024 * 1024)
+# The broker's TLS certificate fails the expiry check when it has fewer days left than this.
+POSTURE_CERT_WARNING_DAYS = env.int("POSTURE_CERT_WARNING_DAYS", default=30)
+# The schedule created at install (django-celery-beat, editable afterwards): every N hours.
+POSTURE_SCHEDULE_HOURS = env.int("POSTURE_SCHEDULE_HOURS", default=24)
+
 # --- Detection: the telemetry consumer, the broker-log monitor, detector thresholds, alert notifications
 # The consumer runs inside a Celery worker (`celery -A fleet worker --mqtt-consumer`, or this setting) or alone
 # (`manage.py consume`). Replica N (1-based) logs in as the Nth consumer identity; replica 1 also runs the monitor.
@@ -312,6 +324,9 @@ ROTATION_RESEND_SECONDS = env.int("ROTATION_RESEND_SECONDS", default=120)
 ROTATION_STALLED_SECONDS = env.int("ROTATION_STALLED_SECONDS", default=60)
 # After the switch the device must reconnect with its new secret within this long, or an alert is raised.
 ROTATION_PROOF_TIMEOUT_SECONDS = env.int("ROTATION_PROOF_TIMEOUT_SECONDS", default=600)
+# A device reporting a connect with its previous secret this long after its switch was applied raises
+# rotation_fallback (before that, the reload and its reconnect may still be in flight).
+ROTATION_FALLBACK_MARGIN_SECONDS = env.int("ROTATION_FALLBACK_MARGIN_SECONDS", default=5)
 # How often the rotation tick runs (re-sends, resumes, completions, deadlines); a django-celery-beat entry.
 ROTATION_TICK_SECONDS = env.int("ROTATION_TICK_SECONDS", default=30)
 # The credentials message's `expires`: a device that receives it later refuses it (a fresh one is re-sent).
@@ -358,6 +373,9 @@ SPECTACULAR_SETTINGS = {
         "RotationStateEnum": "security.models.CredentialRotation.State",
         "CampaignStateEnum": "security.models.RotationCampaign.State",
         "CampaignKindEnum": "security.rotation.campaigns.KINDS",
+        # Posture audit (docs/posture.md).
+        "PostureStateEnum": "security.models.PostureReport.State",
+        "PostureTriggerEnum": "security.models.PostureReport.Trigger",
     },
 }
 
@@ -385,3 +403,31 @@ REVOCATION_PURGE_SESSIONS = env.bool("REVOCATION_PURGE_SESSIONS", default=True)
 # one, but never longer than REVOCATION_PURGE_MAX_DELAY_SECONDS after the verification.
 REVOCATION_PURGE_QUIET_SECONDS = env.int("REVOCATION_PURGE_QUIET_SECONDS", default=10)
 REVOCATION_PURGE_MAX_DELAY_SECONDS = env.int("REVOCATION_PURGE_MAX_DELAY_SECONDS", default=300)
+
+# --- Firmware registry (docs/firmware.md) ---------------------------------------------------------------------------
+# Uploaded images are stored here, named by their SHA-256, and served to devices at FIRMWARE_DOWNLOAD_BASE_URL.
+FIRMWARE_STORAGE_DIR = Path(env.str("FIRMWARE_STORAGE_DIR", default=str(VAR_DIR / "firmware")))
+# The console's address as devices see it: offers of uploaded images carry <base>/firmware/images/<sha256>.bin.
+# Required in production for uploaded images (offers of images hosted elsewhere carry their own URL).
+FIRMWARE_DOWNLOAD_BASE_URL = env.str(
+    "FIRMWARE_DOWNLOAD_BASE_URL", default="" if PRODUCTION else "http://127.0.0.1:8000"
+).rstrip("/")
+FIRMWARE_MAX_IMAGE_BYTES = env.int("FIRMWARE_MAX_IMAGE_BYTES", default=256 * 1024 * 1024)
+# A device that receives an offer later than this answers "expired" and does nothing (offer it again).
+FIRMWARE_OFFER_TTL_SECONDS = env.int("FIRMWARE_OFFER_TTL_SECONDS", default=86400)
+# Offers to more devices than this at once need the typed device count in the UI.
+FIRMWARE_OFFER_CONFIRM_ABOVE = env.int("FIRMWARE_OFFER_CONFIRM_ABOVE", default=10)
+
+# --- Payload encryption (docs/device-protocol.md "Payload encryption", docs/detection.md) --------------------------
+# Encrypts every device payload key at rest (AES-256-GCM under a key derived from it with HKDF-SHA256). Losing it
+# means issuing every device a new payload key.
+PAYLOAD_KEYS_SECRET = env.str("PAYLOAD_KEYS_SECRET", default="") or dev_secret("PAYLOAD_KEYS_SECRET")
+# Fleet default for devices that have a payload key: their clear-text messages are dropped and raise
+# payload_unencrypted. A device's own setting (device page, API) overrides it.
+PAYLOAD_ENCRYPTION_REQUIRED = env.bool("PAYLOAD_ENCRYPTION_REQUIRED", default=False)
+# The consumer re-reads the payload keys changed since its last read this often (seconds), and before judging a batch
+# in which a sealed message names a key it does not have (a key issued since).
+PAYLOAD_KEYS_REFRESH_SECONDS = env.float("PAYLOAD_KEYS_REFRESH_SECONDS", default=10.0)
+# Replay state (highest counter and window per device and key) is kept in Redis this long after the device's last
+# sealed message; a device silent for longer starts a fresh window.
+PAYLOAD_REPLAY_STATE_DAYS = env.int("PAYLOAD_REPLAY_STATE_DAYS", default=90)

@@ -29,7 +29,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import protocol, topics
+from . import protocol, sealing, topics
 from .backoff import Backoff
 from .certificates import CertificateRejected, check_certificate, make_key_and_csr
 from .credentials import Credential, CredentialSet, CredentialStore, MemoryCredentialStore
@@ -49,6 +49,15 @@ MQTT_VERSIONS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 class CommandRejected(Exception):
     """Raised by a handler that will not do what was asked; the text becomes the ack's ``detail``."""
+
+
+# MQTT 5 Session Expiry Interval the library asks for: 0xFFFFFFFF, "the session does not expire" (what MQTT 3.1.1's
+# clean_session=false means too). Not a finite interval on purpose: Mosquitto 2.0.11 (Debian 12's broker) corrupts
+# its session-expiry list when a reload re-authenticates an offline MQTT 5 session that has a finite expiry and whose
+# credential changed (a rotation or revocation while the device is away) and later crashes (docs/broker.md,
+# "Known broker bug"). Sessions that never expire are not on that list. The console ends the sessions of revoked
+# devices itself (docs/revocation.md, session purge).
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 
 
 class DeviceEvents:
@@ -93,7 +102,7 @@ class DeviceClient:
         mqtt_version: str = "5",
         keepalive: int = 60,
         connect_timeout: float = 5.0,
-        session_expiry: int = 3600,
+        session_expiry: int = SESSION_NEVER_EXPIRES,
         backoff: Backoff | None = None,
         stable_after: float = 30.0,
         reactor: Reactor | None = None,
@@ -106,6 +115,9 @@ class DeviceClient:
         events: DeviceEvents | None = None,
         telemetry_qos: int = 0,
         boot_time: float | None = None,
+        payload_key: bytes | str | None = None,
+        payload_counters: sealing.CounterStore | None = None,
+        refuse_clear_messages: bool = False,
     ):
         if credentials is None:
             credentials = MemoryCredentialStore(secret=secret)
@@ -154,6 +166,8 @@ class DeviceClient:
         self._slot = "current"  # which secret the next attempt uses: "current" or "previous"
         self._attempt_credential: Credential | None = None
         self._session_credential: Credential | None = None  # the secret the live session logged in with
+        # The newest secret when the broker refused it and the live session logged in with the previous one.
+        self._session_refused: Credential | None = None
         self._refusal: int | None = None
         self._reconnect_timer: Timer | None = None
         self._stable_timer: Timer | None = None
@@ -165,6 +179,12 @@ class DeviceClient:
         self._boot_tag = secrets.token_hex(4)
         self._message_counter = 0
         self.last_telemetry: bytes | None = None
+        # Payload encryption (sealing.py): with a key, everything published on tx/<id>/... is sealed, and sealed
+        # console messages are opened. The counter store must outlive a reboot (FileCounterStore on a device).
+        self.sealer = (
+            sealing.DeviceSealer(payload_key, client_id, counters=payload_counters) if payload_key is not None else None
+        )
+        self.refuse_clear_messages = refuse_clear_messages
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -298,6 +318,7 @@ class DeviceClient:
         self.stats["connects"] += 1
         self._session_credential = self._attempt_credential
         credentials = self.store.load()
+        self._session_refused = credentials.current if self._slot == "previous" else None
         if self._slot == "current" and credentials.previous is not None:
             # The broker took the new secret: the rotation is complete on this side.
             self.store.save(credentials.confirmed())
@@ -350,6 +371,8 @@ class DeviceClient:
             return False
         self._seq += 1
         payload = protocol.encode_telemetry(message_id=self._next_id(), ts=time.time(), seq=self._seq, values=values)
+        if self.sealer is not None:
+            payload = self.sealer.seal(self.telemetry_topic, payload)
         self._mqtt.publish(self.telemetry_topic, payload, qos=self.telemetry_qos if qos is None else qos)
         self.last_telemetry = payload
         self.stats["telemetry"] += 1
@@ -371,9 +394,25 @@ class DeviceClient:
             uptime=round(max(0.0, now - self.boot_time), 3),
             model=self.model,
             certificate_serial=self.certificate_serial,
+            **self._credential_report(),
         )
-        self._mqtt.publish(self.status_topic, payload, qos=1)
+        self._mqtt.publish(self.status_topic, self._sealed(self.status_topic, payload), qos=1)
         self.stats["status"] += 1
+
+    def _credential_report(self) -> dict:
+        """Which secret this session logged in with, and whether it is a fallback (the status message's
+        ``credential_id`` / ``fallback`` / ``refused_credential_id``): how the console learns that a rotated secret was
+        refused while the device is still reachable on its previous one."""
+        report: dict = {}
+        session = self._session_credential
+        if session is not None and session.credential_id:
+            report["credential_id"] = session.credential_id
+        refused = self._session_refused
+        if refused is not None:
+            report["fallback"] = True
+            if refused.credential_id:
+                report["refused_credential_id"] = refused.credential_id
+        return report
 
     def _ack(self, message_id: str, command: str, status: str, detail: str | None = None, result=None) -> None:
         payload = protocol.encode(
@@ -386,10 +425,13 @@ class DeviceClient:
             result=dict(result) if result else None,
         )
         # QoS 1 on the same paho client: queued through a reconnect, so an ack is not lost with the link.
-        self._mqtt.publish(self.ack_topic, payload, qos=1)
+        self._mqtt.publish(self.ack_topic, self._sealed(self.ack_topic, payload), qos=1)
         self.stats["acks"] += 1
         self.stats[f"acks_{status}"] += 1
         self.events.acked(self, message_id, command, status)
+
+    def _sealed(self, topic: str, payload: bytes) -> bytes:
+        return payload if self.sealer is None else self.sealer.seal(topic, payload)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self.events.published(self, mid, getattr(reason_code, "value", 0))
@@ -404,7 +446,31 @@ class DeviceClient:
             self.stats["unexpected"] += 1
             self.events.unexpected_message(self, message.topic, message.payload)
             return
-        self.handle_message(parsed.channel, message.payload)
+        payload = message.payload
+        if sealing.is_sealed(payload):
+            if self.sealer is None:
+                self.stats["sealed_rejected"] += 1
+                log.warning(
+                    "%s: sealed message on %s but this device has no payload key", self.client_id, message.topic
+                )
+                return
+            try:
+                payload = self.sealer.open(message.topic, payload)
+            except sealing.SealingError as exc:
+                # Not answered: nothing in an unauthenticated message (its id included) can be trusted.
+                self.stats["sealed_rejected"] += 1
+                self.stats[f"sealed_{exc.code}"] += 1
+                log.warning("%s: sealed message on %s refused: %s", self.client_id, message.topic, exc)
+                return
+        elif self.refuse_clear_messages and self.sealer is not None:
+            self.stats["clear_refused"] += 1
+            log.warning(
+                "%s: clear-text message on %s refused (this device takes sealed ones only)",
+                self.client_id,
+                message.topic,
+            )
+            return
+        self.handle_message(parsed.channel, payload)
 
     def handle_message(self, channel: str, payload: bytes) -> str | None:
         """Process one console message (what arrives on ``rx/<id>/<channel>``). Returns the ack status
@@ -486,7 +552,7 @@ class DeviceClient:
             dataclasses.replace(credentials, pending_key_pem=pair.private_key_pem, pending_request_id=message["id"])
         )
         payload = protocol.encode("csr", id=self._next_id(), ts=time.time(), ref=message["id"], csr=pair.csr_pem)
-        self._mqtt.publish(self.csr_topic, payload, qos=1)
+        self._mqtt.publish(self.csr_topic, self._sealed(self.csr_topic, payload), qos=1)
         return ("key made on the device; CSR sent", None)
 
     def _handle_certificate(self, message: dict):

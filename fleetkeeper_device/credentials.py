@@ -115,15 +115,21 @@ class FileCredentialStore:
 
     def save(self, credentials: CredentialSet) -> None:
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-            try:
-                os.fchmod(fd, 0o600)
-                with os.fdopen(fd, "w") as handle:
-                    json.dump(credentials.to_json(), handle)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_private_json(self.path, credentials.to_json())
+
+
+def write_private_json(path: Path, data: dict) -> None:
+    """Replace ``path`` atomically with ``data`` as JSON, mode 0600, durable when it returns (temporary file in the
+    same directory, fsync, rename). Also used for sealing.FileCounterStore."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -14,7 +14,10 @@ Attacks, in a shuffled round-robin, one every ``interval`` seconds:
   ``use_username_as_clientid`` the broker uses the username as the id, so the victim stays online;
   a victim kicked with "session taken over" is a breach);
 - ``replay``: re-send a captured telemetry payload, on its own topic (the broker accepts it; catching
-  replays is the console's job) and on a victim's (refused);
+  replays is the console's job) and on a victim's (refused). With a payload key the capture is a sealed
+  message, and the console must drop the copy and raise ``payload_replayed``;
+- ``tamper``: (with a payload key) flip one bit of a captured sealed message and publish it on its own topic
+  (the broker accepts it; the console must drop it and raise ``payload_tampered``);
 - ``flood``: a burst of messages on its own topic (accepted by the broker; rate detection's job).
 """
 
@@ -31,14 +34,23 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import protocol
+from . import protocol, sealing
 
 if TYPE_CHECKING:
     from .client import DeviceClient
     from .reactor import Reactor
     from .topics import TopicScheme
 
-ATTACKS = ("brute_force", "wildcard_subscribe", "cross_publish", "oversize", "takeover", "replay", "flood")
+ATTACKS = (
+    "brute_force",
+    "wildcard_subscribe",
+    "cross_publish",
+    "oversize",
+    "takeover",
+    "replay",
+    "flood",
+    "tamper",
+)
 WILDCARDS = ("#", "+/#", "$SYS/#")
 SESSION_TAKEN_OVER = 142
 PACKET_TOO_LARGE = 149
@@ -201,6 +213,17 @@ class HostileAgent:
         victim = self._victim()
         if victim is not None:
             self._publish_qos1(victim.telemetry_topic, captured, "replay_on_victim")
+
+    def _attack_tamper(self) -> None:
+        captured = self.device.last_telemetry
+        if captured is None or not sealing.is_sealed(captured):
+            return  # nothing sealed to tamper with: this device has no payload key
+        tampered = bytearray(captured)
+        position = self.rng.randrange(sealing.HEADER_BYTES, len(tampered))
+        tampered[position] ^= 1 << self.rng.randrange(8)
+        self.device.mqtt.publish(self.device.telemetry_topic, bytes(tampered), qos=0)
+        self.totals["messages"] += 1
+        self._count("tampered_own_topic")
 
     def _attack_flood(self) -> None:
         client = self.device.mqtt

@@ -145,6 +145,28 @@ _register(
                 pattern=r"^[0-9a-f]{1,64}$",
                 description="Serial (hex) of the installed client certificate, if any.",
             ),
+            Field(
+                "credential_id",
+                "string",
+                required=False,
+                max_length=100,
+                description="The console's id of the secret this connection logged in with (`rot-<n>` after a "
+                "rotation), if it has one.",
+            ),
+            Field(
+                "fallback",
+                "boolean",
+                required=False,
+                description="True when the broker refused the newest secret and this connection logged in with the "
+                "previous one (docs/rotation.md: the console alerts when that happens after its switch).",
+            ),
+            Field(
+                "refused_credential_id",
+                "string",
+                required=False,
+                max_length=100,
+                description="With `fallback`: the id of the newest secret, the one the broker refused.",
+            ),
         ),
         example={
             "v": 1,

@@ -48,6 +48,7 @@ class DeviceSpec:
     firmware: str = "1.0.0"
     model: str | None = None
     hostile: bool = False
+    payload_key: str | None = None  # fkpk1.<...>: the device seals what it publishes (docs/device-protocol.md)
 
 
 def choose_hostile(specs: Sequence[DeviceSpec], count: int, rng: random.Random) -> list[DeviceSpec]:
@@ -226,6 +227,7 @@ class Simulation:
                 events=hostile_events if spec.hostile else events,
                 backoff=Backoff(initial=0.5, maximum=30.0, rng=random.Random(self.rng.random())),
                 stable_after=5.0,
+                payload_key=spec.payload_key,
             )
             self.devices.append(device)
             self._sensors[spec.client_id] = Sensors(random.Random(self.rng.random()))
@@ -398,9 +400,10 @@ class Simulation:
 
 
 def load_credentials(source: str | Path | TextIO) -> list[DeviceSpec]:
-    """Credentials from JSON (a list of ``{"client_id"|"username", "password"|"secret", "firmware"?}``, the
-    shape the console's credentials API returns, or an object ``{client_id: secret}``) or CSV
-    (``client_id,secret[,firmware]``)."""
+    """Credentials from JSON (a list of ``{"client_id"|"username", "password"|"secret", "firmware"?,
+    "payload_key"?}``, the shape the console's credentials API returns, or an object ``{client_id: secret}``) or
+    CSV (``client_id,secret[,firmware]``). A ``payload_key`` (``fkpk1.…``, from the payload-key API) makes the
+    device seal what it publishes."""
     if isinstance(source, str | Path):
         text = sys.stdin.read() if str(source) == "-" else Path(source).read_text()
     else:
@@ -416,7 +419,14 @@ def load_credentials(source: str | Path | TextIO) -> list[DeviceSpec]:
             secret = item.get("secret") or item.get("password")
             if not client_id or not secret:
                 raise ValueError(f"entry {number} needs client_id (or username) and password (or secret)")
-            specs.append(DeviceSpec(client_id, secret, firmware=item.get("firmware") or "1.0.0"))
+            specs.append(
+                DeviceSpec(
+                    client_id,
+                    secret,
+                    firmware=item.get("firmware") or "1.0.0",
+                    payload_key=item.get("payload_key") or None,
+                )
+            )
     else:
         for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
             if not row or row[0].startswith("#") or row[0] == "client_id":

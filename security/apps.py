@@ -25,6 +25,12 @@ def _rotation_defaults(sender, **kwargs):
     rotation_defaults_post_migrate(sender, **kwargs)
 
 
+def _posture_schedule(sender, **kwargs):
+    from .posture.services import posture_schedule_ensure
+
+    posture_schedule_ensure(sender, **kwargs)
+
+
 class SecurityConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "security"
@@ -33,3 +39,5 @@ class SecurityConfig(AppConfig):
     def ready(self):
         post_migrate.connect(_sync_roles, sender=self, dispatch_uid="security.sync_roles")
         post_migrate.connect(_rotation_defaults, sender=self, dispatch_uid="security.rotation_defaults")
+        # The posture audit's daily schedule (docs/posture.md).
+        post_migrate.connect(_posture_schedule, sender=self, dispatch_uid="security.posture_schedule")

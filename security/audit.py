@@ -89,6 +89,40 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def actor_label(actor) -> str:
+    """Who did it, as the audit log shows it: the username, a label given as a string, or the service named by the
+    current context ("service:rotation"), else "system"."""
+    if getattr(actor, "is_authenticated", False):
+        return actor.get_username()
+    if isinstance(actor, str):
+        return actor
+    context = current_context()
+    return f"service:{context.service}" if context.service else "system"
+
+
+def audit_record_many(*, actor, action: str, items, object_type: str = "device", batch_size: int = 500) -> int:
+    """One event per (object id, after) item, written in bulk (a batch of 10,000 devices is 10,000 events, not 10,000
+    round trips); the same fields audit_record fills, from the same context."""
+    context = current_context()
+    user = actor if getattr(actor, "is_authenticated", False) else None
+    label = actor_label(actor)[:150]
+    events = [
+        AuditEvent(
+            actor=user,
+            actor_label=label,
+            action=action,
+            object_type=object_type,
+            object_id=str(object_id)[:128],
+            after=_jsonable(after) if after is not None else None,
+            source_address=context.source_address,
+            request_id=context.request_id,
+        )
+        for object_id, after in items
+    ]
+    AuditEvent.objects.bulk_create(events, batch_size=batch_size)
+    return len(events)
+
+
 def audit_record(
     *,
     actor,
@@ -105,12 +139,7 @@ def audit_record(
         object_type = object_type or target._meta.model_name
         object_id = object_id or str(getattr(target, "client_id", None) or target.pk)
     user = actor if getattr(actor, "is_authenticated", False) else None
-    if user is not None:
-        label = user.get_username()
-    elif isinstance(actor, str):
-        label = actor
-    else:
-        label = f"service:{context.service}" if context.service else "system"
+    label = actor_label(actor)
     return AuditEvent.objects.create(
         actor=user,
         actor_label=label[:150],

@@ -705,3 +705,90 @@ class CredentialRotation(models.Model):
     @property
     def is_open(self) -> bool:
         return self.state in self.OPEN_STATES
+
+
+# --- payload encryption (design.md "Payload encryption", docs/device-protocol.md): per-device payload keys --------
+
+
+class PayloadKey(models.Model):
+    """A device's payload key (fleetkeeper_device/sealing.py), kept encrypted at rest with PAYLOAD_KEYS_SECRET
+    (security/payloads.py). One row per key ever issued; at most one is active per device. The consumer loads the
+    active rows in bulk and again only those changed since (``updated``), never one query per message."""
+
+    class State(models.TextChoices):
+        ACTIVE = "active", "Active"
+        RETIRED = "retired", "Retired"
+
+    device = models.ForeignKey("devices.Device", on_delete=models.CASCADE, related_name="payload_keys")
+    client_id = models.CharField(max_length=128, db_index=True, help_text="Denormalised for the consumer's load.")
+    key_id = models.CharField(max_length=16, unique=True, help_text="Hex, derived from the key (in every envelope).")
+    encrypted_key = models.TextField(help_text="AES-256-GCM under a key derived from PAYLOAD_KEYS_SECRET.")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.ACTIVE)
+    required = models.BooleanField(
+        null=True,
+        blank=True,
+        help_text="Clear-text messages from this device are refused and alerted. Empty: the fleet setting "
+        "PAYLOAD_ENCRYPTION_REQUIRED decides.",
+    )
+    console_counter = models.BigIntegerField(default=0, help_text="Last counter used sealing console messages.")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True, db_index=True)
+    retired_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        verbose_name = "payload key"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["device"], condition=models.Q(state="active"), name="security_one_active_payload_key"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"payload key {self.key_id} of {self.client_id} ({self.state})"
+
+
+# --- Posture audit (security/posture/, docs/posture.md) -----------------------------------------------------------
+
+
+class PostureReport(models.Model):
+    """One run of the posture audit: what was probed, by whom, and every finding (security/posture/checks.py)."""
+
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    class Trigger(models.TextChoices):
+        SCHEDULE = "schedule", "Schedule"
+        UI = "ui", "Run now (page)"
+        API = "api", "API"
+        COMMAND = "command", "Command line"
+
+    state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED, db_index=True)
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.SCHEDULE)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_label = models.CharField(max_length=150, blank=True, help_text="Who asked: a username or a service name.")
+    target = models.JSONField(default=dict, blank=True, help_text="Host, ports and identities the audit used.")
+    created = models.DateTimeField(auto_now_add=True)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    progress = models.JSONField(default=dict, blank=True, help_text="{done, total, current} while it runs.")
+    summary = models.JSONField(default=dict, blank=True, help_text="Counts by status and failed counts by severity.")
+    findings = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        permissions = [("run_posture_audit", "Can run the posture audit")]
+        indexes = [models.Index(fields=["state", "created"], name="security_posture_state_idx")]
+
+    def __str__(self) -> str:
+        return f"posture audit #{self.pk} ({self.state})"

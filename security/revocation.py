@@ -23,9 +23,10 @@ from django.utils import timezone
 
 from devices.filtersets import DeviceFilterSet
 from devices.models import Device
+from security.confirmation import typed_count_check
 
 from . import services, topics
-from .audit import audit_context, audit_record, current_context
+from .audit import actor_label, audit_context, audit_record, current_context
 from .brokers import get_adapter
 from .brokers.base import files_digest_bytes
 from .brokers.files import connect_code, derive_policy
@@ -52,13 +53,6 @@ def _reason_clean(reason: str | None) -> str:
     if len(reason) > MAX_REASON_LENGTH:
         raise ValidationError({"reason": [f"Keep the reason under {MAX_REASON_LENGTH} characters."]})
     return reason
-
-
-def _actor_label(actor) -> str:
-    if getattr(actor, "is_authenticated", False):
-        return actor.get_username()
-    context = current_context()
-    return f"service:{context.service}" if context.service else "system"
 
 
 def _supersede(client_ids) -> None:
@@ -91,7 +85,7 @@ def device_action_request(
             alert_id=alert_id,
             change=change,
             requested_by=actor if getattr(actor, "is_authenticated", False) else None,
-            requested_by_label=_actor_label(actor),
+            requested_by_label=actor_label(actor),
             source_address=context.source_address,
             request_id=context.request_id,
         )
@@ -377,23 +371,11 @@ def bulk_action_create(*, actor, action: str, filters, reason: str, confirm_coun
     context = current_context()
     with transaction.atomic():
         ids = list(bulk_queryset(filters).filter(status__in=allowed_from).order_by("pk").values_list("pk", flat=True))
-        try:
-            typed = int(str(confirm_count).strip())
-        except (TypeError, ValueError):
-            typed = None
         if not ids:
             raise ValidationError({"filters": ["No device matching these filters can be changed by this action."]})
         if len(ids) > BULK_MAX_DEVICES:
             raise ValidationError({"filters": [f"At most {BULK_MAX_DEVICES} devices per bulk action."]})
-        if typed != len(ids):
-            raise ValidationError(
-                {
-                    "confirm_count": [
-                        f"These filters match {len(ids)} device{'s' if len(ids) != 1 else ''} that can be {action}d "
-                        f"now; type {len(ids)} to confirm."
-                    ]
-                }
-            )
+        typed_count_check(typed=confirm_count, matched=len(ids), can=f"can be {action}d now")
         bulk = BulkAction.objects.create(
             action=action,
             filters=filters,
@@ -401,7 +383,7 @@ def bulk_action_create(*, actor, action: str, filters, reason: str, confirm_coun
             device_ids=ids,
             total=len(ids),
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
-            created_by_label=_actor_label(actor),
+            created_by_label=actor_label(actor),
             source_address=context.source_address,
             request_id=context.request_id,
         )

@@ -10,6 +10,10 @@ _VIEW_INVENTORY = [
     "devices.view_device",
     "devices.view_devicemodel",
     "devices.view_devicegroup",
+    # Firmware registry (docs/firmware.md): releases, offers and the public signing key are readable by every role.
+    "devices.view_firmwarerelease",
+    "devices.view_firmwareoffer",
+    "devices.view_firmwaresigningkey",
 ]
 
 ROLE_PERMISSIONS: dict[str, list[str] | str] = {
@@ -34,6 +38,11 @@ ROLE_PERMISSIONS: dict[str, list[str] | str] = {
         "devices.issue_credentials",
         "devices.rotate_credentials",
         "devices.reinstate_device",
+        # Firmware registry: upload (sign), offer, withdraw, mark known-vulnerable. Signing keys: admin only.
+        "devices.add_firmwarerelease",
+        "devices.offer_firmware",
+        "devices.withdraw_firmware",
+        "devices.flag_firmware",
         # Credential rotation (issue 7): policies and their schedules, the per-device history.
         "security.view_credentialrotation",
         "security.view_rotationpolicy",
@@ -44,6 +53,9 @@ ROLE_PERMISSIONS: dict[str, list[str] | str] = {
         "security.view_brokerstate",
         "security.sync_policy",
         "django_celery_beat.view_periodictask",
+        # Posture audit (docs/posture.md): read the reports, run one now.
+        "security.view_posturereport",
+        "security.run_posture_audit",
     ],
     # On call: stop a compromised device, work the alerts.
     SUPPORT: [
@@ -54,6 +66,7 @@ ROLE_PERMISSIONS: dict[str, list[str] | str] = {
         "security.change_alert",
         "security.view_brokerstate",
         "security.view_credentialrotation",
+        "security.view_posturereport",
     ],
     # Read-only, including the audit log.
     AUDITOR: [
@@ -66,6 +79,7 @@ ROLE_PERMISSIONS: dict[str, list[str] | str] = {
         "security.view_credentialrotation",
         "security.view_rotationpolicy",
         "django_celery_beat.view_periodictask",
+        "security.view_posturereport",
     ],
 }
 ADMIN_APPS = ["devices", "security", "django_celery_beat", "authtoken"]

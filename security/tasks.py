@@ -5,6 +5,8 @@ from celery import shared_task
 from django.conf import settings
 from django.db import OperationalError
 
+from devices.firmware.tasks import firmware_model_check, firmware_offer_deliver  # noqa: F401  (firmware registry)
+
 from . import revocation, revocation_sessions, services
 from .audit import audit_context
 from .brokers.base import BrokerUnavailable
@@ -149,3 +151,30 @@ def detect_silent_devices() -> int:
 
     with audit_context(service="detection"):
         return silent_devices_check()
+
+
+# --- posture audit (docs/posture.md) ----------------------------------------------------------------------------------
+
+
+@shared_task(
+    name="security.posture_audit",
+    soft_time_limit=settings.POSTURE_TIMEOUT_SECONDS + 30,
+    time_limit=settings.POSTURE_TIMEOUT_SECONDS + 60,
+    max_retries=0,
+)
+def posture_audit(report_id: int | None = None) -> dict:
+    """Run one posture audit of the console's broker. Without an id (the daily schedule) a report row is made first.
+    Bounded: the checks stop at POSTURE_TIMEOUT_SECONDS; progress is on the report row while it runs."""
+    from security.models import PostureReport
+    from security.posture import services as posture
+
+    with audit_context(service="posture-audit"):
+        if report_id is None:
+            report, _created = posture.posture_request(
+                actor=None, trigger=PostureReport.Trigger.SCHEDULE, enqueue=False
+            )
+            if report.state != PostureReport.State.QUEUED:
+                return {"report": report.pk, "state": report.state}
+            report_id = report.pk
+        report = posture.posture_run(report_id=report_id)
+    return {"report": report.pk, "state": report.state, "summary": report.summary}

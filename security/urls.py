@@ -1,8 +1,10 @@
-from django.urls import path  # noqa: F401
+from django.urls import include, path  # noqa: F401
 
 from security.views import alerts as alert_views
 from security.views import broker as broker_views
+from security.views import payload_keys as payload_key_views
 from security.views import pki as pki_views
+from security.views import posture as posture_views
 from security.views import revocation as revocation_views
 from security.views import rotation as rotation_views
 from security.views import rotation_campaigns as campaign_views
@@ -69,6 +71,22 @@ urlpatterns: list = [
         rotation_views.DeviceRotationsFragmentView.as_view(),
         name="device-rotations",
     ),
+    # --- payload encryption (docs/device-protocol.md, "Payload encryption") ---
+    path(
+        "devices/<str:client_id>/payload-key/",
+        payload_key_views.DevicePayloadKeyFragmentView.as_view(),
+        name="device-payload-key",
+    ),
+    path(
+        "devices/<str:client_id>/payload-key/issue/",
+        payload_key_views.PayloadKeyIssueView.as_view(),
+        name="device-payload-key-issue",
+    ),
+    path(
+        "devices/<str:client_id>/payload-key/require/",
+        payload_key_views.PayloadKeyRequireView.as_view(),
+        name="device-payload-key-require",
+    ),
     # --- pki (issue 8) ---
     path("pki/", pki_views.PkiView.as_view(), name="pki"),
     path("pki/<str:name>.pem", pki_views.PkiDownloadView.as_view(), name="pki-download"),
@@ -101,4 +119,12 @@ urlpatterns: list = [
     path("alerts/<int:pk>/resolve/", alert_views.AlertActView.as_view(action="resolve"), name="alert-resolve"),
     path("alerts/card/", alert_views.AlertOverviewCardView.as_view(), name="alert-overview-card"),
     path("devices/<str:client_id>/alerts/", alert_views.DeviceAlertsFragmentView.as_view(), name="device-alerts"),
+    # --- posture audit (docs/posture.md) ---
+    path("posture/", posture_views.PostureView.as_view(), name="posture"),
+    path("posture/<int:pk>/", posture_views.PostureView.as_view(), name="posture-report"),
+    path("posture/run/", posture_views.PostureRunView.as_view(), name="posture-run"),
+    path("posture/<int:pk>/progress/", posture_views.PostureProgressView.as_view(), name="posture-progress"),
+    path("posture/card/", posture_views.PostureOverviewCardView.as_view(), name="posture-overview-card"),
+    # --- firmware registry (docs/firmware.md) ---
+    path("", include("devices.firmware.urls")),
 ]

@@ -13,9 +13,11 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from devices.firmware.services import firmware_release_create
 from devices.models import Device, DeviceGroup, DeviceModel, ImportJob
 from security.audit import audit_context, audit_record
 from security.models import Alert, AuditEvent, BulkAction, CredentialRotation, DeviceAction, RotationCampaign
+from security.payloads import payload_key_issue
 from security.pki.services import broker_server_cert_ensure, certificate_factory_bundle
 from tests.conftest import make_user
 from tests.factories import PASSWORD, DeviceFactory, DeviceGroupFactory, DeviceModelFactory
@@ -195,6 +197,42 @@ ENDPOINTS = [
         "credential.issue",
     ),
     ("policy", "get", lambda c: "/api/v1/policy/", None, None, INVENTORY_READERS, 200, None),
+    # Payload encryption (security/api/views/payload_keys.py): device-perm has a key (the inventory fixture).
+    (
+        "payload-key",
+        "get",
+        lambda c: "/api/v1/devices/device-perm/payload-key/",
+        None,
+        None,
+        INVENTORY_READERS,
+        200,
+        None,
+    ),
+    (
+        "payload-key-issue",
+        "post",
+        lambda c: "/api/v1/devices/device-perm/payload-key/",
+        lambda c: {"required": True},
+        "json",
+        FLEET_WRITERS,
+        201,
+        "payload_key.reissue",
+    ),
+    (
+        "payload-key-require",
+        "patch",
+        lambda c: "/api/v1/devices/device-perm/payload-key/",
+        lambda c: {"required": True},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "payload_key.require",
+    ),
+    # Posture audit (security/api/views/posture.py): every role that reads the inventory reads the reports;
+    # operator and admin run one (audited).
+    ("posture", "get", lambda c: "/api/v1/posture/", None, None, INVENTORY_READERS, 200, None),
+    ("posture-reports", "get", lambda c: "/api/v1/posture/reports/", None, None, INVENTORY_READERS, 200, None),
+    ("posture-run", "post", lambda c: "/api/v1/posture/run/", None, None, FLEET_WRITERS, 202, "posture.run_requested"),
     (
         "policy-sync",
         "post",
@@ -415,6 +453,65 @@ ENDPOINTS = [
         "rotation.start",
     ),
     ("rotation-list", "get", lambda c: "/api/v1/rotations/", None, None, INVENTORY_READERS, 200, None),
+    # --- firmware registry (docs/firmware.md): every inventory reader reads; operator and admin sign, offer, flag ---
+    ("firmware-list", "get", lambda c: "/api/v1/firmware/", None, None, INVENTORY_READERS, 200, None),
+    ("firmware-detail", "get", lambda c: f"/api/v1/firmware/{c['release']}/", None, None, INVENTORY_READERS, 200, None),
+    (
+        "firmware-signing-key",
+        "get",
+        lambda c: "/api/v1/firmware/signing-key/",
+        None,
+        None,
+        INVENTORY_READERS,
+        200,
+        None,
+    ),
+    (
+        "firmware-create",
+        "post",
+        lambda c: "/api/v1/firmware/",
+        lambda c: {
+            "model": "Model-A",
+            "version": "9.9.9",
+            "url": "https://cdn.example/fw.bin",
+            "sha256": "ab" * 32,
+            "size": 10,
+        },
+        "json",
+        FLEET_WRITERS,
+        201,
+        "firmware.release",
+    ),
+    (
+        "firmware-withdraw",
+        "post",
+        lambda c: f"/api/v1/firmware/{c['release']}/withdraw/",
+        lambda c: {"reason": "permission check"},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "firmware.withdraw",
+    ),
+    (
+        "firmware-vulnerable",
+        "post",
+        lambda c: f"/api/v1/firmware/{c['release']}/vulnerable/",
+        lambda c: {"advisory": "CVE-0000-0000 permission check"},
+        "json",
+        FLEET_WRITERS,
+        200,
+        "firmware.mark_vulnerable",
+    ),
+    (
+        "firmware-offer",
+        "post",
+        lambda c: f"/api/v1/firmware/{c['release']}/offer/",
+        lambda c: {"client_ids": ["device-perm"]},
+        "json",
+        FLEET_WRITERS,
+        202,
+        "firmware.offer",
+    ),
     (
         "rotation-detail",
         "get",
@@ -431,6 +528,9 @@ ENDPOINTS = [
 OUTSIDE_THE_INVENTORY = {"token", "device-credentials", "policy-sync"}
 OUTSIDE_THE_INVENTORY |= {"device-certificate-issue", "device-certificate-bundle", "device-certificate-revoke"}
 OUTSIDE_THE_INVENTORY |= {"campaign-create", "campaign-pause", "campaign-resume", "campaign-abort"}
+OUTSIDE_THE_INVENTORY |= {"firmware-vulnerable", "firmware-offer"}  # the registry's rows, not the inventory's
+OUTSIDE_THE_INVENTORY |= {"posture-run"}
+OUTSIDE_THE_INVENTORY |= {"payload-key-issue", "payload-key-require"}
 
 # The table written out: expected status per endpoint and role. Anonymous callers get 401 (token auth
 # comes first), except on the docs page, which is for people and sends them to the login page.
@@ -458,9 +558,14 @@ def inventory():
     with audit_context(service="setup"):  # the CAs and one certificate exist before the call (pki, issue 8)
         certificate = certificate_factory_bundle(actor=None, device=device).record.serial
         broker_server_cert_ensure()  # what the first broker render creates (audited), not a read's side effect
+        payload_key_issue(actor=None, device=device)  # the payload-key rows read and re-issue it
     alert = alert_seed(device)
     campaign = RotationCampaign.objects.create(name="seed", state="running", created_by_label="setup")
     paused_campaign = RotationCampaign.objects.create(name="seed-paused", state="paused", created_by_label="setup")
+    with audit_context(service="setup"):  # a signed release of Model-A (firmware registry), hosted elsewhere
+        release = firmware_release_create(
+            actor=None, model=model, version="1.0.0", url="https://cdn.example/1.bin", sha256="cd" * 32, size=10
+        )
     rotation = CredentialRotation.objects.create(
         device=held, client_id=held.client_id, command_id="seed", state="failed"
     )
@@ -468,6 +573,7 @@ def inventory():
         "campaign": campaign.pk,
         "paused_campaign": paused_campaign.pk,
         "rotation": rotation.pk,
+        "release": release.pk,
         "model": model.pk,
         "unused_model": unused.pk,
         "group": group.pk,
@@ -592,6 +698,7 @@ def test_every_api_route_is_in_the_table():
     ctx["certificate"] = 1  # pki (issue 8)
     ctx["campaign"] = ctx["paused_campaign"] = 1  # rotation campaigns (issue 7)
     ctx["rotation"] = 1  # credential rotation (issue 7)
+    ctx["release"] = 1  # firmware registry
     covered = {re.sub(r"/(device-perm|device-held|\d+)/", "/{}/", url(ctx)) for _n, _m, url, *_ in ENDPOINTS}
     routes = {_normalise(r) for r in _api_routes()}
     assert routes - covered == set(), "API routes without a row in ENDPOINTS"

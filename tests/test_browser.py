@@ -126,3 +126,22 @@ def test_log_in_add_a_device_and_find_it(live_server, fleet, browser_page):
     ]
     assert outside == [], f"the pages tried to load from outside 127.0.0.1: {outside}"
     assert page.console_errors == []
+
+
+@pytest.mark.browser
+def test_the_secret_shown_once_has_a_copy_button_that_copies_it(live_server, fleet, browser_page):
+    page = browser_page
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_server.url)
+    DeviceFactory(client_id="device-copy-1")
+    page.goto(f"{live_server.url}/accounts/login/?next=/devices/device-copy-1/")
+    page.get_by_label("Username").fill(fleet.username)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_role("button", name="Issue secret").click()
+    secret = page.locator("#device-secret").inner_text()
+    assert len(secret) >= 43
+    button = page.locator("button[data-copy-target=device-secret]")
+    button.click()
+    expect(button).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    assert not page.console_errors

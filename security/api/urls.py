@@ -1,7 +1,9 @@
 from django.urls import include, path  # noqa: F401
 
 from security.api.views import broker as broker_api
+from security.api.views import payload_keys as payload_keys_api
 from security.api.views import pki as pki_api
+from security.api.views import posture as posture_api
 from security.api.views import revocation as revocation_api
 from security.api.views import rotation as rotation_api
 
@@ -51,6 +53,18 @@ urlpatterns: list = [
         pki_api.DeviceCertificateRevokeView.as_view(),
         name="api-device-certificate-revoke",
     ),
+    # --- payload encryption (docs/device-protocol.md, "Payload encryption") ---
+    path(
+        "devices/<str:client_id>/payload-key/",
+        payload_keys_api.DevicePayloadKeyView.as_view(),
+        name="api-device-payload-key",
+    ),
     # --- alerts (issue 6, detection) ---
     path("alerts/", include("security.api.views.alerts")),
+    # --- posture audit (docs/posture.md) ---
+    path("posture/", posture_api.PostureView.as_view(), name="api-posture"),
+    path("posture/reports/", posture_api.PostureReportListView.as_view(), name="api-posture-reports"),
+    path("posture/run/", posture_api.PostureRunView.as_view(), name="api-posture-run"),
+    # --- firmware registry (docs/firmware.md) ---
+    path("", include("devices.firmware.api")),
 ]

@@ -57,11 +57,28 @@ KINDS: dict[str, AlertSpec] = {
         AlertSpec("fingerprint_changed", Alert.Severity.LOW, "The device connects differently than before"),
         AlertSpec("credential_cloned", Alert.Severity.CRITICAL, "Two connection fingerprints alternating on one id"),
         AlertSpec("firmware_outdated", Alert.Severity.LOW, "Firmware older than the model's latest release"),
-        AlertSpec("firmware_below_minimum", Alert.Severity.HIGH, "Firmware below the model's minimum secure version"),
+        # Firmware registry (docs/firmware.md): below the minimum secure version or on a known-vulnerable release is
+        # critical; a withdrawn release is a medium.
+        AlertSpec(
+            "firmware_below_minimum", Alert.Severity.CRITICAL, "Firmware below the model's minimum secure version"
+        ),
+        AlertSpec("firmware_vulnerable", Alert.Severity.CRITICAL, "Firmware release marked known-vulnerable"),
+        AlertSpec("firmware_withdrawn", Alert.Severity.MEDIUM, "Firmware release withdrawn from the registry"),
         # Credential rotation (docs/rotation.md).
         AlertSpec("rotation_unconfirmed", Alert.Severity.MEDIUM, "Credential rotation not confirmed within its grace"),
         AlertSpec("rotation_rejected", Alert.Severity.MEDIUM, "Device refused its new credential"),
         AlertSpec("rotation_unproven", Alert.Severity.HIGH, "No reconnect after the broker switched to the new secret"),
+        # Posture audit (docs/posture.md): one alert per failed critical check.
+        AlertSpec("posture_weakness", Alert.Severity.CRITICAL, "Posture audit: a critical check failed on the broker"),
+        # Payload encryption (docs/detection.md, "Payload encryption").
+        AlertSpec("payload_tampered", Alert.Severity.HIGH, "Sealed payload that does not open (tampered, wrong key)"),
+        AlertSpec("payload_replayed", Alert.Severity.HIGH, "Sealed payload replayed (counter seen before)"),
+        AlertSpec("payload_unencrypted", Alert.Severity.MEDIUM, "Clear-text payload from a device that must seal"),
+        AlertSpec(
+            "rotation_fallback",
+            Alert.Severity.HIGH,
+            "Device back on its previous secret: the broker refused the new one after the switch",
+        ),
     )
 }
 

@@ -37,7 +37,7 @@ from fleetkeeper_device import protocol
 from security import topics
 from security.brokers import consumer_usernames
 
-from . import baseline, wire
+from . import baseline, payloads, wire
 
 log = logging.getLogger("fleetkeeper.consumer")
 
@@ -105,6 +105,7 @@ class DeviceBatch:
     max_size: int = 0
     values: dict = field(default_factory=dict)  # name -> [min, max, count]
     status: dict | None = None
+    sealed: payloads.SealedState | None = None  # only for devices that sent sealed (or forbidden clear) messages
 
 
 @dataclass
@@ -123,6 +124,10 @@ class Stats:
     broker_dropped: int = 0
     first_message_at: float = 0.0
     last_batch_at: float = 0.0
+    sealed_opened: int = 0
+    sealed_tampered: int = 0
+    sealed_replayed: int = 0
+    unencrypted: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -183,6 +188,12 @@ class Consumer:
         self.cache_seconds = settings.DETECTION_STATE_CACHE_SECONDS
         self.cache_max = 200_000
         self._window_script = self.redis.register_script(baseline.WINDOW_SCRIPT)
+        # Payload encryption: keys cached in the process (network thread reads, processor thread refreshes),
+        # this process's replay windows, and the shared window script (security/detection/payloads.py).
+        self.payload_keys = payloads.KeyCache()
+        self.replay_windows: dict[str, tuple[bytes, object]] = {}
+        self.payload_refresh_wanted = False
+        self._replay_script = self.redis.register_script(payloads.REPLAY_SCRIPT)
         self.thresholds = baseline.Thresholds(
             min_windows=settings.DETECTION_BASELINE_MIN_WINDOWS,
             rate_factor=settings.DETECTION_RATE_FACTOR,
@@ -197,6 +208,7 @@ class Consumer:
 
     # --- lifecycle
     def start(self) -> Consumer:
+        self.payload_keys.refresh(force=True)
         if self.client_kind == "lean":
             self.subscriber = wire.Subscriber(
                 host=self.host,
@@ -455,10 +467,24 @@ class Consumer:
         device.bytes += size
         if size > device.max_size:
             device.max_size = size
-        reason = ""
         if size > protocol.MAX_MESSAGE_BYTES:
-            reason = f"{size} bytes; the limit is {protocol.MAX_MESSAGE_BYTES}"
-        elif channel == TELEMETRY:
+            self._malformed(device, channel, f"{size} bytes; the limit is {protocol.MAX_MESSAGE_BYTES}", size)
+            return
+        self._fold(device, client_id, channel, topic, payload)
+
+    def _fold(self, device: DeviceBatch, client_id: str, channel: str, topic, payload: bytes, *, retrying=False):
+        """Open (when sealed), validate and fold one message into its device's aggregate."""
+        if payload[:1] == payloads.SEALED:
+            payload = payloads.open_sealed(self, device, client_id, channel, topic, payload, retrying=retrying)
+            if payload is None:
+                return
+        elif self.payload_keys.keys:
+            entry = self.payload_keys.keys.get(client_id)
+            if entry is not None and entry.required:
+                payloads.count_unencrypted(device, channel, len(payload))
+                return
+        reason = ""
+        if channel == TELEMETRY:
             try:
                 message = _loads(payload)
             except _DECODE_ERRORS:
@@ -488,15 +514,22 @@ class Consumer:
             else:
                 if channel == STATUS:
                     device.status = message
+                    if message.get("fallback") and len(self.replies) < COMMAND_REPLIES_MAX:
+                        # A rotated secret refused, the device back on its previous one: the rotation inbox judges.
+                        self.replies.append((client_id, channel, message))
                 elif len(self.replies) < COMMAND_REPLIES_MAX:  # ack or csr: the rotation inbox's business
                     self.replies.append((client_id, channel, message))
                 else:
                     self.stats.replies_dropped += 1
         if reason:
-            device.malformed += 1
-            device.malformed_reason = reason
-            if len(device.malformed_samples) < 3:
-                device.malformed_samples.append({"channel": channel, "reason": reason, "size": size})
+            self._malformed(device, channel, reason, len(payload))
+
+    @staticmethod
+    def _malformed(device: DeviceBatch, channel: str, reason: str, size: int) -> None:
+        device.malformed += 1
+        device.malformed_reason = reason
+        if len(device.malformed_samples) < 3:
+            device.malformed_samples.append({"channel": channel, "reason": reason, "size": size})
 
     def _parse_topic(self, topic) -> tuple[str, str] | tuple[()]:
         """``tx/<id>/<channel>`` (bytes or str) -> (id, channel), () when it is not one; remembered per topic."""
@@ -515,9 +548,14 @@ class Consumer:
     def _ingest(self, devices: dict[str, DeviceBatch], count: int) -> None:
         from .ingest import ingest_batch
 
+        sealed_findings = payloads.process_batch(self, devices)
         self.stats.malformed += sum(d.malformed for d in devices.values())
         if devices:
             ingest_batch(self, devices)
+        if sealed_findings:
+            from .ingest import raise_findings, with_db_retry
+
+            with_db_retry(lambda: raise_findings(sealed_findings))
         self.stats.processed += count
         self.stats.batches += 1
         self.stats.last_batch_at = time.time()

@@ -257,30 +257,11 @@ def _write(consumer: Consumer, rows: dict[str, dict], seen_at: float) -> None:
 
 
 def firmware_findings(device: Device, firmware: str) -> list[rules.Finding]:
-    model = device.model
-    verdict = rules.firmware_verdict(firmware, latest=model.latest_firmware, minimum=model.minimum_firmware)
-    if not verdict:
-        return []
-    evidence = {"running": firmware, "latest": model.latest_firmware, "minimum": model.minimum_firmware}
-    if verdict == "below_minimum":
-        return [
-            rules.Finding(
-                "firmware_below_minimum",
-                subject=device.client_id,
-                client_id=device.client_id,
-                summary=f"{device.client_id} runs {firmware}, below the minimum secure {model.minimum_firmware}",
-                evidence=evidence,
-            )
-        ]
-    return [
-        rules.Finding(
-            "firmware_outdated",
-            subject=device.client_id,
-            client_id=device.client_id,
-            summary=f"{device.client_id} runs {firmware}; {model.name} is at {model.latest_firmware}",
-            evidence=evidence,
-        )
-    ]
+    """Judged against the firmware registry (devices/firmware/detection.py: stale, below minimum, withdrawn,
+    known-vulnerable), from the model row alone."""
+    from devices.firmware.detection import firmware_findings as registry_findings
+
+    return registry_findings(device, firmware)
 
 
 def _decode_ranges(raw: dict) -> dict[str, tuple[float, float, int]]:

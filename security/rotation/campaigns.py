@@ -24,14 +24,27 @@ from datetime import timedelta
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Count, Exists, OuterRef, Q
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from devices.models import Device
-from security.audit import audit_context, audit_record, current_context
+from security.audit import actor_label, audit_context, audit_record, current_context
+from security.confirmation import typed_count_check
 from security.models import CredentialRotation, DeviceCertificate, DeviceCredential, RotationCampaign, RotationWave
 from security.permissions import require
 from security.revocation import bulk_filters_clean, bulk_queryset
+
+from .selectors import campaign_summary
+from .waves import (
+    CONFIRMED_OR_LATER,
+    ID_CHUNK,
+    Verdict,
+    _online_share,
+    fleet_reconnect_baseline,
+    plan_waves,
+    wave_counts,
+    wave_judge,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +61,6 @@ UNSETTLED = {
     "secret": ("pending", "delivered", "confirmed", "switched"),
     "certificate": ("pending", "delivered"),
 }
-# Reached "confirmed" at some point: confirmed, switched or completed.
-CONFIRMED_OR_LATER = ("confirmed", "switched", "completed")
-RECENT_BASELINE_DAYS = 30
-RECENT_BASELINE_MIN = 20
-ID_CHUNK = 5000  # device ids per query (SQLite's variable limit, and plans that stay index scans)
-
-
-def _label(actor) -> str:
-    if getattr(actor, "is_authenticated", False):
-        return actor.get_username()
-    context = current_context()
-    return f"service:{context.service}" if context.service else "system"
 
 
 def _authorise(actor) -> None:
@@ -117,16 +118,6 @@ def campaign_preview(*, filters, kind: str = "secret", canary_size: int = 10, wa
         "waves": len(sizes),
         "wave_sizes": sizes[:3] + (["…"] if len(sizes) > 3 else []),
     }
-
-
-def plan_waves(ids: list, *, canary_size: int, wave_size: int) -> list[list]:
-    """Wave 0 is the canary (``canary_size`` devices), then waves of ``wave_size``."""
-    if not ids:
-        return []
-    waves = [ids[:canary_size]]
-    rest = ids[canary_size:]
-    waves += [rest[i : i + wave_size] for i in range(0, len(rest), wave_size)]
-    return waves
 
 
 @dataclass(frozen=True)
@@ -198,19 +189,7 @@ def campaign_create(
             raise ValidationError({"filters": [f"No device matching these filters can rotate a {kind} credential."]})
         if len(ids) > MAX_DEVICES:
             raise ValidationError({"filters": [f"At most {MAX_DEVICES} devices per campaign; narrow the filters."]})
-        try:
-            typed = int(str(confirm_count).strip())
-        except (TypeError, ValueError):
-            typed = None
-        if typed != len(ids):
-            raise ValidationError(
-                {
-                    "confirm_count": [
-                        f"These filters match {len(ids)} device{'s' if len(ids) != 1 else ''} that can rotate now; "
-                        f"type {len(ids)} to confirm."
-                    ]
-                }
-            )
+        typed_count_check(typed=confirm_count, matched=len(ids), can="can rotate now")
         campaign = RotationCampaign.objects.create(
             name=name,
             kind=kind,
@@ -225,7 +204,7 @@ def campaign_create(
             wave_timeout_seconds=options.wave_timeout_seconds,
             policy=policy,
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
-            created_by_label=_label(actor),
+            created_by_label=actor_label(actor),
         )
         RotationWave.objects.bulk_create(
             [
@@ -267,106 +246,6 @@ def enqueue(campaign_id: int, *, countdown: float | None = None) -> None:
             rotation_campaign_advance.delay(campaign_id)
     except Exception:  # the row is durable: the periodic job resumes it
         logger.exception("could not enqueue rotation campaign %s; the periodic job resumes it", campaign_id)
-
-
-# --- judging a wave -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    passed: bool
-    reason: str
-    result: dict
-
-
-def wave_judge(
-    *,
-    kind: str,
-    started: int,
-    confirmed: int,
-    reconnected: int,
-    online_share: float,
-    reconnect_baseline: float,
-    min_confirm_ratio: float,
-    min_reconnect_ratio: float,
-    timed_out: bool,
-) -> Verdict:
-    """Pure: a wave passes unless its confirmation rate is below ``min_confirm_ratio`` of the share of its devices
-    that were online when it started, or (secrets) its reconnect rate among the confirmed devices is below
-    ``min_reconnect_ratio`` of the fleet's reconnect baseline."""
-    confirm_rate = confirmed / started if started else 1.0
-    confirm_needed = min_confirm_ratio * online_share
-    result = {
-        "started": started,
-        "confirmed": confirmed,
-        "reconnected": reconnected,
-        "confirm_rate": round(confirm_rate, 4),
-        "confirm_baseline": round(online_share, 4),
-        "confirm_needed": round(confirm_needed, 4),
-        "timed_out": timed_out,
-    }
-    reasons = []
-    if started and confirm_rate < confirm_needed:
-        reasons.append(
-            f"{confirmed} of {started} devices confirmed ({confirm_rate:.0%}), below {min_confirm_ratio:.0%} of the "
-            f"{online_share:.0%} that were online when the wave started (needed {confirm_needed:.0%})"
-        )
-    if kind == "secret":
-        reconnect_rate = reconnected / confirmed if confirmed else 1.0
-        reconnect_needed = min_reconnect_ratio * reconnect_baseline
-        result.update(
-            reconnect_rate=round(reconnect_rate, 4),
-            reconnect_baseline=round(reconnect_baseline, 4),
-            reconnect_needed=round(reconnect_needed, 4),
-        )
-        if confirmed and reconnect_rate < reconnect_needed:
-            reasons.append(
-                f"{reconnected} of {confirmed} confirmed devices reconnected with the new secret "
-                f"({reconnect_rate:.0%}), below {min_reconnect_ratio:.0%} of the fleet's {reconnect_baseline:.0%}"
-            )
-    else:
-        result["reconnect_rate"] = None  # certificates: the old one stays valid for the grace, no reconnect proof yet
-    reason = "; ".join(reasons)
-    if reason and timed_out:
-        reason += " (judged after the wave timeout)"
-    return Verdict(passed=not reasons, reason=reason, result=result)
-
-
-def fleet_reconnect_baseline(*, exclude_campaign_id: int | None = None) -> dict:
-    """Of the secret rotations confirmed in the last 30 days outside this campaign and no longer waiting for the
-    device, the share that reconnected with the new secret (completed)."""
-    since = timezone.now() - timedelta(days=RECENT_BASELINE_DAYS)
-    qs = CredentialRotation.objects.filter(
-        kind=CredentialRotation.Kind.SECRET, confirmed_at__gte=since, state__in=["completed", "failed"]
-    )
-    if exclude_campaign_id is not None:
-        qs = qs.exclude(campaign_id=exclude_campaign_id)
-    counts = qs.aggregate(total=Count("id"), completed=Count("id", filter=Q(state="completed")))
-    if counts["total"] < RECENT_BASELINE_MIN:
-        return {
-            "reconnect_rate": 1.0,
-            "reconnect_source": f"fewer than {RECENT_BASELINE_MIN} recent rotations: every confirmed device is "
-            "expected to reconnect",
-            "recent_rotations": counts["total"],
-        }
-    return {
-        "reconnect_rate": counts["completed"] / counts["total"],
-        "reconnect_source": f"secret rotations confirmed in the last {RECENT_BASELINE_DAYS} days outside this campaign",
-        "recent_rotations": counts["total"],
-    }
-
-
-def _online_share(device_ids: list[int]) -> tuple[int, float]:
-    cutoff = timezone.now() - timedelta(seconds=settings.ROTATION_CAMPAIGN_ONLINE_SECONDS)
-    online = 0
-    for i in range(0, len(device_ids), ID_CHUNK):
-        online += Device.objects.filter(pk__in=device_ids[i : i + ID_CHUNK], last_seen__gte=cutoff).count()
-    return online, (online / len(device_ids) if device_ids else 0.0)
-
-
-def wave_counts(wave: RotationWave) -> dict[str, int]:
-    rows = CredentialRotation.objects.filter(wave=wave).order_by().values_list("state").annotate(n=Count("id"))
-    return dict(rows)
 
 
 # --- the state machine ----------------------------------------------------------------------------------------
@@ -547,7 +426,9 @@ def campaign_pause(*, actor, campaign: RotationCampaign, reason: str = "") -> Ro
         if campaign.state not in (RotationCampaign.State.PENDING, RotationCampaign.State.RUNNING):
             raise ValidationError(f"Only a pending or running campaign can be paused; this one is {campaign.state}.")
         campaign.state = RotationCampaign.State.PAUSED
-        campaign.pause_reason = f"Paused by {_label(actor)}" + (f": {reason.strip()[:MAX_REASON]}" if reason else ".")
+        campaign.pause_reason = f"Paused by {actor_label(actor)}" + (
+            f": {reason.strip()[:MAX_REASON]}" if reason else "."
+        )
         campaign.save(update_fields=["state", "pause_reason", "updated"])
         audit_record(
             actor=actor,
@@ -595,7 +476,7 @@ def campaign_abort(*, actor, campaign: RotationCampaign, reason: str = "") -> Ro
             raise ValidationError(f"This campaign is already {campaign.state}.")
         now = timezone.now()
         cancellable = ["pending", "delivered"] + (["confirmed"] if campaign.kind == "secret" else [])
-        detail = f"campaign #{campaign.pk} aborted by {_label(actor)}" + (f": {reason.strip()}" if reason else "")
+        detail = f"campaign #{campaign.pk} aborted by {actor_label(actor)}" + (f": {reason.strip()}" if reason else "")
         cancelled = 0
         for rotation in CredentialRotation.objects.filter(campaign=campaign, state__in=cancellable).order_by("pk"):
             try:
@@ -644,97 +525,3 @@ def campaign_resume_stalled(*, older_than_seconds: int | None = None) -> int:
     for campaign_id in stalled:
         enqueue(campaign_id)
     return len(stalled)
-
-
-# --- reads ----------------------------------------------------------------------------------------------------
-
-
-def campaign_list():
-    return RotationCampaign.objects.select_related("created_by").defer("device_ids").order_by("-created", "-id")
-
-
-def campaign_waves(campaign: RotationCampaign) -> list[dict]:
-    """Every wave with its rotations counted by state: two queries whatever the number of waves."""
-    per_wave: dict[int, dict[str, int]] = {}
-    for wave_id, state, n in (
-        CredentialRotation.objects.filter(campaign=campaign)
-        .order_by()
-        .values_list("wave_id", "state")
-        .annotate(n=Count("id"))
-    ):
-        per_wave.setdefault(wave_id, {})[state] = n
-    out = []
-    for wave in campaign.waves.defer("device_ids").order_by("number"):
-        counts = per_wave.get(wave.pk, {})
-        started = sum(counts.values())
-        confirmed = sum(counts.get(s, 0) for s in CONFIRMED_OR_LATER)
-        out.append(
-            {
-                "number": wave.number,
-                "canary": wave.number == 0,
-                "size": wave.size,
-                "state": wave.state,
-                "started_at": wave.started_at,
-                "finished_at": wave.finished_at,
-                "counts": {state: counts.get(state, 0) for state in CredentialRotation.State.values},
-                "started": started,
-                "confirmed": confirmed,
-                "completed": counts.get("completed", 0),
-                "failed": counts.get("failed", 0),
-                "percent": round(100 * sum(counts.get(s, 0) for s in ("completed", "failed", "cancelled")) / wave.size)
-                if wave.size
-                else 100,
-                "result": wave.result,
-            }
-        )
-    return out
-
-
-def campaign_summary(campaign: RotationCampaign) -> dict:
-    counts = dict(
-        CredentialRotation.objects.filter(campaign=campaign).order_by().values_list("state").annotate(n=Count("id"))
-    )
-    started = sum(counts.values())
-    return {
-        "total": campaign.total,
-        "started": started,
-        "confirmed": sum(counts.get(s, 0) for s in CONFIRMED_OR_LATER),
-        "completed": counts.get("completed", 0),
-        "failed": counts.get("failed", 0),
-        "cancelled": counts.get("cancelled", 0),
-        "open": sum(counts.get(s, 0) for s in CredentialRotation.OPEN_STATES),
-    }
-
-
-def rotation_debt(campaign: RotationCampaign, *, limit: int = 50) -> dict:
-    """Devices of the campaign still on a credential issued before it started, oldest first: (client id, issued
-    at). Secrets: the DeviceCredential's issued_at; certificates: when the active certificate was issued."""
-    since = campaign.started_at or campaign.created
-    ids = campaign.device_ids
-    total = 0
-    rows: list[tuple] = []
-    for i in range(0, len(ids), ID_CHUNK):
-        chunk = ids[i : i + ID_CHUNK]
-        if campaign.kind == "certificate":
-            qs = DeviceCertificate.objects.filter(
-                device_id__in=chunk, status=DeviceCertificate.Status.ACTIVE, created__lt=since
-            ).exclude(
-                device_id__in=DeviceCertificate.objects.filter(
-                    device_id__in=chunk, status=DeviceCertificate.Status.ACTIVE, created__gte=since
-                ).values("device_id")
-            )
-            total += qs.values("device_id").distinct().count()
-            rows += list(qs.order_by("created").values_list("client_id", "created")[:limit])
-        else:
-            qs = DeviceCredential.objects.filter(device_id__in=chunk, issued_at__lt=since)
-            total += qs.count()
-            rows += list(qs.order_by("issued_at").values_list("device__client_id", "issued_at")[:limit])
-    rows.sort(key=lambda r: r[1])
-    seen, oldest = set(), []
-    for client_id, issued_at in rows:
-        if client_id not in seen:
-            seen.add(client_id)
-            oldest.append({"client_id": client_id, "issued_at": issued_at})
-        if len(oldest) >= limit:
-            break
-    return {"total": total, "oldest": oldest, "since": since}

@@ -43,7 +43,7 @@ CERTIFICATE_ID_SUFFIX = ".c"  # the `certificate` message's id: the renew id + t
 
 def _history(rotation: CredentialRotation, step: str, outcome: str, detail: str = "") -> None:
     """The rotation core's history format (the device page shows it), bounded the same way."""
-    from .services import _append, _step
+    from .rows import _append, _step
 
     rotation.history = _append(rotation.history, _step(step, outcome, detail))
 
@@ -88,7 +88,7 @@ def certificate_renew_deliver_many(*, rotation_ids: list[int]) -> dict:
     earlier one answers again), then published, then marked delivered. When a CSR was already signed, what is
     missing is the device's ack of the certificate: the same ``certificate`` message is sent again (same id: a device
     that has it does not install it twice). Raises CommanderUnavailable when the broker cannot be reached."""
-    from .services import command_id_for
+    from .rows import command_id_for
 
     prepared: list[tuple[CredentialRotation, bytes]] = []
     now = timezone.now()

@@ -14,6 +14,7 @@ from django.urls import reverse
 from django.views import View
 
 from devices.models import Device
+from fleet.forms import add_service_errors
 from security import revocation
 from security.models import BulkAction
 from security.permissions import RoleRequiredMixin, user_can
@@ -217,11 +218,7 @@ class BulkNewView(RoleRequiredMixin, View):
                 confirm_count=form.cleaned_data["confirm_count"],
             )
         except ValidationError as exc:
-            if hasattr(exc, "error_dict"):
-                for field, errors in exc.message_dict.items():
-                    form.add_error(field if field in form.fields else None, errors)
-            else:
-                form.add_error(None, exc.messages)
+            add_service_errors(form, exc)
             return self.render_page(action, filters, form, status=400)
         return redirect("bulk-action-detail", pk=bulk.pk)
 

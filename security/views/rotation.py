@@ -14,7 +14,9 @@ from django.views import View
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from devices.models import Device, DeviceGroup, DeviceModel
+from fleet.forms import add_service_errors
 from security import revocation
+from security.confirmation import typed_count_check
 from security.models import CredentialRotation, RotationPolicy
 from security.permissions import RoleRequiredMixin, user_can
 from security.rotation import policies
@@ -230,13 +232,10 @@ class BulkRotateView(RoleRequiredMixin, View):
         if error or not form.is_valid():
             return self.render_page(filters, form, error=error, status=400)
         client_ids = list(_bulk_candidates(filters).order_by("client_id").values_list("client_id", flat=True))
-        typed = form.cleaned_data["confirm_count"].strip().replace(",", "")
-        if typed != str(len(client_ids)):
-            form.add_error(
-                "confirm_count",
-                f"The filters now match {len(client_ids)} device(s) that can rotate, not {typed or 'nothing'}: "
-                "check the list and type the new number.",
-            )
+        try:
+            typed_count_check(typed=form.cleaned_data["confirm_count"], matched=len(client_ids), can="can rotate now")
+        except ValidationError as exc:
+            form.add_error(None, exc)
             return self.render_page(filters, form, status=400)
         started = rotation.rotation_start_many(actor=request.user, client_ids=client_ids, trigger="manual")
         messages.success(
@@ -293,14 +292,6 @@ class PolicyForm(forms.ModelForm):
 
     def policy_data(self) -> dict:
         return {name: self.cleaned_data.get(name) for name in policies.POLICY_FIELDS if name in self.cleaned_data}
-
-
-def _apply_errors(form, exc: ValidationError) -> None:
-    if hasattr(exc, "error_dict"):
-        for field, errors in exc.message_dict.items():
-            form.add_error(field if field in form.fields else None, errors)
-    else:
-        form.add_error(None, exc.messages)
 
 
 class PolicyListView(RoleRequiredMixin, View):
@@ -364,7 +355,7 @@ class PolicyFormView(RoleRequiredMixin, View):
                     actor=request.user, policy=policy, data=form.policy_data(), schedule=schedule
                 )
         except ValidationError as exc:
-            _apply_errors(form, exc)
+            add_service_errors(form, exc)
             return self.render_page(form, policy if policy and policy.pk else None, status=400)
         messages.success(
             request,

@@ -13,9 +13,11 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views import View
 
+from fleet.forms import add_service_errors
 from security.models import RotationCampaign
 from security.permissions import RoleRequiredMixin, user_can
 from security.rotation import campaigns
+from security.rotation import selectors as campaign_reads
 from security.views.revocation import _filters_query
 
 VIEW_PERMISSION = "devices.view_device"
@@ -78,7 +80,7 @@ class CampaignListView(RoleRequiredMixin, View):
     permission_required = VIEW_PERMISSION
 
     def get(self, request):
-        page = Paginator(campaigns.campaign_list(), 25).get_page(request.GET.get("page"))
+        page = Paginator(campaign_reads.campaign_list(), 25).get_page(request.GET.get("page"))
         for campaign in page:
             campaign.badge = BADGE.get(campaign.state, "")
         return render(
@@ -162,11 +164,7 @@ class CampaignNewView(RoleRequiredMixin, View):
                 options=campaigns.CampaignSettings.from_data(data),
             )
         except ValidationError as exc:
-            if hasattr(exc, "error_dict"):
-                for field, errors in exc.message_dict.items():
-                    form.add_error(field if field in form.fields else None, errors)
-            else:
-                form.add_error(None, exc.messages)
+            add_service_errors(form, exc)
             return self.render_page(filters, form, kind=kind, status=400)
         messages.success(request, f"Campaign “{campaign.name}” created: the canary wave starts now.")
         return redirect("rotation-campaign-detail", pk=campaign.pk)
@@ -185,17 +183,17 @@ BADGE = {
 
 
 def campaign_context(campaign: RotationCampaign, user) -> dict:
-    waves = campaigns.campaign_waves(campaign)
+    waves = campaign_reads.campaign_waves(campaign)
     for wave in waves:
         wave["badge"] = BADGE.get(wave["state"], "")
-    summary = campaigns.campaign_summary(campaign)
+    summary = campaign_reads.campaign_summary(campaign)
     live = campaign.state in (RotationCampaign.State.PENDING, RotationCampaign.State.RUNNING)
     return {
         "campaign": campaign,
         "badge": BADGE.get(campaign.state, ""),
         "waves": waves,
         "summary": summary,
-        "debt": campaigns.rotation_debt(campaign, limit=25),
+        "debt": campaign_reads.rotation_debt(campaign, limit=25),
         "live": live,
         "percent": round(100 * summary["started"] / campaign.total) if campaign.total else 100,
         "can_change": user_can(user, campaigns.CHANGE_PERMISSION),

@@ -29,6 +29,15 @@
     });
   });
 
+  // Copy buttons (data-copy-target="<element id>"): the shown-once secret, key or certificate, and the snippets.
+  document.addEventListener("click", function (event) {
+    const button = event.target.closest("[data-copy-target]");
+    if (!button) return;
+    const source = document.getElementById(button.dataset.copyTarget);
+    if (!source || !navigator.clipboard) return;
+    navigator.clipboard.writeText(source.textContent).then(function () { button.textContent = "Copied"; });
+  });
+
   // Buttons that ask before they act (data-confirm="..."), for plain forms without htmx.
   document.addEventListener("submit", function (event) {
     const message = event.submitter && event.submitter.dataset.confirm;

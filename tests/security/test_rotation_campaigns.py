@@ -16,7 +16,9 @@ from django.utils import timezone
 from devices.models import Device
 from security.models import AuditEvent, CredentialRotation, DeviceCredential, RotationCampaign, RotationWave
 from security.rotation import campaigns
-from security.rotation.campaigns import CampaignSettings, campaign_advance, plan_waves, wave_judge
+from security.rotation import selectors as campaign_reads
+from security.rotation.campaigns import CampaignSettings, campaign_advance
+from security.rotation.waves import plan_waves, wave_judge
 from tests.factories import DeviceFactory
 
 pytestmark = pytest.mark.django_db
@@ -343,7 +345,7 @@ def test_rotation_debt_lists_devices_on_old_credentials_oldest_first(operator):
     rows = fleet(5)
     campaign = create(operator, count=5)
     DeviceCredential.objects.filter(device=rows[4]).update(issued_at=timezone.now() + dt.timedelta(seconds=1))
-    debt = campaigns.rotation_debt(campaign, limit=3)
+    debt = campaign_reads.rotation_debt(campaign, limit=3)
     assert debt["total"] == 4
     assert [row["client_id"] for row in debt["oldest"]] == ["device-camp0003", "device-camp0002", "device-camp0001"]
 
@@ -353,7 +355,7 @@ def test_wave_progress_counts_each_wave_in_two_queries(operator, django_assert_m
     campaign = create(operator, count=12, canary_size=2, wave_size=5)
     campaign_advance(campaign_id=campaign.pk)
     with django_assert_max_num_queries(2):
-        waves = campaigns.campaign_waves(campaign)
+        waves = campaign_reads.campaign_waves(campaign)
     assert [w["size"] for w in waves] == [2, 5, 5] and waves[0]["started"] == 2 and waves[0]["canary"]
 
 
@@ -539,7 +541,7 @@ def test_a_campaign_survives_a_worker_kill_and_rotates_every_device_exactly_once
     assert set(rotations.values_list("campaign_id", flat=True)) == {campaign.pk}
     assert set(rotations.values_list("state", flat=True)) == {"completed"}
     assert set(campaign.waves.values_list("state", flat=True)) == {"passed"}
-    assert campaigns.rotation_debt(RotationCampaign.objects.get(pk=campaign.pk))["total"] == 0
+    assert campaign_reads.rotation_debt(RotationCampaign.objects.get(pk=campaign.pk))["total"] == 0
     assert wait_until(lambda: all(d.connected and d.store.load().previous is None for d in fleet_devices), timeout=30)
     for d in fleet_devices:
         d.stop()

@@ -38,11 +38,13 @@ class FakePublisher:
     """Stands in for the commander identity: records what would be published, acknowledges all (or none)."""
 
     def __init__(self, ack=True):
-        self.sent: list[tuple[str, dict]] = []
+        self.sent: list[tuple[str, dict]] = []  # the clear (JSON) ones, decoded
+        self.raw: list[tuple[str, bytes]] = []  # everything, as published
         self.ack = ack
 
     def __call__(self, messages, timeout=None):
-        self.sent += [(topic, json.loads(payload)) for topic, payload in messages]
+        self.raw += list(messages)
+        self.sent += [(topic, json.loads(payload)) for topic, payload in messages if payload[:1] == b"{"]
         return commander.Outcome([self.ack] * len(messages), {})
 
     def secret_for(self, client_id):
@@ -103,10 +105,13 @@ def test_the_inbox_routes_credential_acks_csrs_and_certificate_acks_and_ignores_
         ("device-3", "csr", {"id": "c1", "csr": "..."}),
         ("device-4", "ack", {"id": "r", "command": "certificate_renew", "status": "ok"}),
         ("device-5", "ack", {"id": "rot9-2-b", "command": "credentials", "status": "rejected", "detail": "full"}),
+        ("device-6", "status", {"id": "s1", "fallback": True, "refused_credential_id": "rot-4"}),
+        ("device-7", "status", {"id": "s2", "credential_id": "rot-5"}),
     ]
-    credential_acks, csrs, certificate_acks = inbox.route(replies)
+    credential_acks, csrs, certificate_acks, fallbacks = inbox.route(replies)
     assert credential_acks == [("device-1", "rot1-1-a", "ok", ""), ("device-5", "rot9-2-b", "rejected", "full")]
     assert [c for c, _ in csrs] == ["device-3"] and [c for c, _ in certificate_acks] == ["device-4"]
+    assert [c for c, _ in fallbacks] == ["device-6"]
 
 
 def test_schedules_are_validated_with_messages_that_name_the_field():
@@ -245,6 +250,38 @@ def test_delivery_sends_a_fresh_secret_and_stores_only_its_hash(operator, publis
     assert publisher.secret_for("device-rd1") != secret
 
 
+def test_a_device_with_a_payload_key_gets_its_new_secret_sealed_to_that_key(operator, publisher):
+    from fleetkeeper_device import sealing
+    from security.payloads import payload_key_issue
+
+    keyed, clear = with_secret(operator, "device-rk1"), with_secret(operator, "device-rk2")
+    key = sealing.PayloadKey(payload_key_issue(actor=operator, device=keyed).key_text)
+    started = rotation.rotation_start_many(actor=operator, client_ids=["device-rk1", "device-rk2"], trigger="manual")
+    assert started == 2
+    ids = list(CredentialRotation.objects.order_by("client_id").values_list("pk", flat=True))
+    outcome = rotation.rotation_deliver(rotation_ids=ids)
+    assert outcome["published"] == 2 and outcome["sealed"] == 1
+    payloads = dict(publisher.raw)
+    sealed = payloads["rx/device-rk1/credentials"]
+    assert sealing.is_sealed(sealed) and b"secret" not in sealed
+    opened = key.open(
+        sealed, topic="rx/device-rk1/credentials", client_id="device-rk1", direction=sealing.CONSOLE_TO_DEVICE
+    )
+    message = protocol.decode(opened.plaintext, channel="credentials")
+    row = CredentialRotation.objects.get(client_id="device-rk1")
+    assert message["id"] == row.command_id and verify_secret(message["secret"], row.pending_hash)
+    # The device without a key gets it in clear; a re-send to the keyed one uses the next counter (a fresh nonce).
+    assert json.loads(payloads["rx/device-rk2/credentials"])["type"] == "credentials" and clear.pk
+    rotation.rotation_deliver(rotation_ids=[row.pk], resend=True)
+    again = key.open(
+        publisher.raw[-1][1],
+        topic="rx/device-rk1/credentials",
+        client_id="device-rk1",
+        direction=sealing.CONSOLE_TO_DEVICE,
+    )
+    assert again.counter == opened.counter + 1
+
+
 def test_a_delivery_the_broker_did_not_acknowledge_stays_pending_with_the_error(operator, monkeypatch):
     monkeypatch.setattr(commander, "publish", FakePublisher(ack=False))
     row = rotation.rotation_start(actor=operator, device=with_secret(operator, "device-rd2"))
@@ -348,6 +385,39 @@ def test_a_switch_completes_when_the_device_connected_after_it_was_applied(opera
     assert rotation.rotations_complete_proven()["completed"] == 1
     row = fresh(row)
     assert row.state == "completed" and row.completed_at and row.history[-1]["step"] == "complete"
+
+
+def test_a_fallback_is_the_handover_before_the_switch_applies_and_an_alert_after(
+    operator, publisher, django_capture_on_commit_callbacks
+):
+    from security.rotation.fallback import rotations_fallback_seen
+
+    row = switched(operator, "device-rf1", publisher)
+    report = {"id": "s1", "fallback": True, "refused_credential_id": f"rot-{row.pk}"}
+    # Switched but not applied yet: the broker still has the old secret, the device was right to fall back.
+    assert rotations_fallback_seen(reports=[("device-rf1", report)]) == {"alerted": 0, "expected": 1, "unknown": 0}
+    applied_at = timezone.now()
+    EnforcementChange.objects.filter(pk=row.history[-1]["change"]).update(state="applied", applied_at=applied_at)
+    # Within the margin the reload and the reconnect may still be in flight.
+    assert rotations_fallback_seen(reports=[("device-rf1", report)], now=applied_at)["expected"] == 1
+    # A report naming another device's rotation, or no rotation at all, is never trusted.
+    later = applied_at + timedelta(seconds=settings.ROTATION_FALLBACK_MARGIN_SECONDS + 1)
+    assert (
+        rotations_fallback_seen(reports=[("device-other", report), ("device-rf1", {"fallback": True})], now=later)[
+            "unknown"
+        ]
+        == 2
+    )
+    assert not Alert.objects.filter(kind="rotation_fallback").exists()
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert rotations_fallback_seen(reports=[("device-rf1", report)], now=later)["alerted"] == 1
+    alert = Alert.objects.get(kind="rotation_fallback", client_id="device-rf1")
+    assert alert.evidence["rotation"] == row.pk and alert.severity == "high"
+    assert fresh(row).history[-1]["step"] == "fallback"
+    assert any("reconcile_enqueue" in c.__qualname__ for c in callbacks)  # the reconcile that puts the broker back
+    # Again: the same open alert is updated, not a second one.
+    rotations_fallback_seen(reports=[("device-rf1", report)], now=later)
+    assert Alert.objects.filter(kind="rotation_fallback", client_id="device-rf1").count() == 1
 
 
 def test_a_switch_not_proven_in_time_raises_one_alert_and_can_still_complete(operator, publisher):
@@ -468,3 +538,18 @@ def test_a_policy_run_picks_only_old_credentials_it_governs_oldest_first_up_to_i
         assert policies.rotation_policy_run(policy_id=fleet.pk) == 1  # the next oldest; open ones are skipped
     assert "device-pp-new" not in set(CredentialRotation.objects.values_list("client_id", flat=True))
     assert "device-pp-model" not in set(CredentialRotation.objects.values_list("client_id", flat=True))
+
+
+def test_the_typed_count_accepts_what_people_type_and_refuses_anything_else():
+    from django.core.exceptions import ValidationError
+
+    from security.confirmation import typed_count, typed_count_check
+
+    assert typed_count(" 1,000 ") == 1000 and typed_count("12") == 12
+    assert typed_count("") is None and typed_count("twelve") is None and typed_count("-3") is None
+    typed_count_check(typed="1,000", matched=1000, can="can rotate now")
+    with pytest.raises(ValidationError) as error:
+        typed_count_check(typed="999", matched=1000, can="can rotate now")
+    assert error.value.message_dict == {
+        "confirm_count": ["These filters match 1000 devices that can rotate now; type 1000 to confirm."]
+    }

@@ -125,7 +125,9 @@ def test_bulk_rotation_previews_the_count_and_needs_it_typed(client, operator):
     page = client.get("/rotations/bulk/?group=lab").content.decode()
     assert 'data-eligible="3"' in page and "match <strong>5</strong> devices" in page
     wrong = client.post("/rotations/bulk/", {"group": "lab", "confirm_count": "5"})
-    assert wrong.status_code == 400 and "now match 3 device(s)" in wrong.content.decode()
+    assert (
+        wrong.status_code == 400 and "match 3 devices that can rotate now; type 3 to confirm" in wrong.content.decode()
+    )
     assert CredentialRotation.objects.count() == 1
     bad_filter = client.get("/rotations/bulk/?colour=blue")
     assert bad_filter.status_code == 400

@@ -19,8 +19,10 @@ from fleetkeeper_device.topics import TopicScheme
 from security.audit import audit_context
 
 
-def issue_simulator_credentials(devices: list[Device]) -> list[DeviceSpec]:
-    """A fresh secret for each device, through the same service an operator uses; audited as service:simulator."""
+def issue_simulator_credentials(devices: list[Device], *, payload_keys: bool = False) -> list[DeviceSpec]:
+    """A fresh secret for each device, through the same service an operator uses; audited as service:simulator.
+    With ``payload_keys``, a fresh payload key too (payload_key_issue), so the devices seal what they publish."""
+    from security.payloads import payload_key_issue
     from security.services import credential_issue
 
     specs = []
@@ -34,6 +36,7 @@ def issue_simulator_credentials(devices: list[Device]) -> list[DeviceSpec]:
                     issued.password,
                     firmware=firmware,
                     model=device.model.name if device.model_id else None,
+                    payload_key=payload_key_issue(actor=None, device=device).key_text if payload_keys else None,
                 )
             )
     return specs
@@ -54,6 +57,12 @@ class Command(BaseCommand):
         parser.add_argument("--devices", type=int, default=50, metavar="N", help="how many devices (default 50)")
         parser.add_argument("--host", default=None, help="broker host (default settings.MQTT_HOST)")
         parser.add_argument("--port", type=int, default=None, help="broker port (default settings.MQTT_PORT)")
+        parser.add_argument(
+            "--payload-keys",
+            action="store_true",
+            help="also issue each device a new payload key (audited) and seal everything it publishes; hostile "
+            "devices then replay and tamper with sealed messages (payload_replayed, payload_tampered alerts)",
+        )
         add_run_arguments(parser)
 
     def handle(self, *args, **options):
@@ -78,7 +87,7 @@ class Command(BaseCommand):
             if hostile > len(devices):
                 raise CommandError(f"--hostile {hostile} is more than the {len(devices)} active devices.")
         try:
-            specs = issue_simulator_credentials(devices)
+            specs = issue_simulator_credentials(devices, payload_keys=options["payload_keys"])
         except PermissionDenied as exc:
             raise CommandError(
                 f"The credentials service refused to issue secrets for the simulator: {str(exc).rstrip('.')}. "
@@ -92,7 +101,8 @@ class Command(BaseCommand):
         port = options["port"] or settings.MQTT_PORT
         hostile_ids = [s.client_id for s in specs if s.hostile]
         self.stdout.write(
-            f"Issued {len(specs)} credentials (audited as service:simulator). Connecting to {host}:{port}"
+            f"Issued {len(specs)} credentials{' and payload keys' if options['payload_keys'] else ''} "
+            f"(audited as service:simulator). Connecting to {host}:{port}"
             + (f"; hostile: {', '.join(hostile_ids)}" if hostile_ids else "")
             + ". Ctrl-C stops."
         )

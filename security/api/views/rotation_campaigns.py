@@ -22,6 +22,7 @@ from rest_framework.views import APIView
 from fleet.api import StrictCharField
 from security.models import RotationCampaign
 from security.rotation import campaigns
+from security.rotation import selectors as campaign_reads
 
 VIEW = "devices.view_device"
 CHANGE = campaigns.CHANGE_PERMISSION
@@ -129,15 +130,15 @@ class CampaignDetailSerializer(CampaignSerializer):
         fields = [*CampaignSerializer.Meta.fields, "summary", "waves", "debt"]
 
     def get_summary(self, obj) -> dict:
-        return campaigns.campaign_summary(obj)
+        return campaign_reads.campaign_summary(obj)
 
     @extend_schema_field(WaveSerializer(many=True))
     def get_waves(self, obj) -> list[dict]:
-        return WaveSerializer(campaigns.campaign_waves(obj), many=True).data
+        return WaveSerializer(campaign_reads.campaign_waves(obj), many=True).data
 
     @extend_schema_field(DebtSerializer)
     def get_debt(self, obj) -> dict:
-        return DebtSerializer(campaigns.rotation_debt(obj, limit=50)).data
+        return DebtSerializer(campaign_reads.rotation_debt(obj, limit=50)).data
 
 
 def _campaign(pk: int) -> RotationCampaign:
@@ -155,7 +156,7 @@ class CampaignListView(generics.ListAPIView):
     parser_classes = [JSONParser]  # filters are a JSON object; a form encoding would flatten them
 
     def get_queryset(self):
-        return campaigns.campaign_list()
+        return campaign_reads.campaign_list()
 
     @extend_schema(summary="Rotation campaigns, newest first")
     def get(self, request, *args, **kwargs):
