@@ -755,7 +755,7 @@ class PayloadKey(models.Model):
 
 
 class PostureReport(models.Model):
-    """One run of the posture audit: what was probed, by whom, and every finding (security/posture/checks.py)."""
+    """One run of the posture audit: what was probed, by whom, and every finding (security/posture/)."""
 
     class State(models.TextChoices):
         QUEUED = "queued", "Queued"

@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .checks import CHECKS, FAIL, PASS, SEVERITIES, UNKNOWN, CheckUnknown, Context, Finding, Target
+from .checks import CHECKS
+from .context import FAIL, PASS, SEVERITIES, UNKNOWN, CheckUnknown, Context, Finding, Target
 from .wire import Unreachable
 
 ORDER = (

@@ -25,7 +25,8 @@ from security.audit import audit_record
 from security.models import PostureReport
 from security.permissions import require
 
-from .checks import CHECKS, CRITICAL, FAIL, PASS, Target
+from .checks import CHECKS
+from .context import CRITICAL, FAIL, PASS, Target
 from .runner import ORDER, audit_run
 from .wire import Identity
 
@@ -319,7 +320,7 @@ def posture_changes(report: PostureReport, previous: PostureReport | None) -> li
 
 def findings_by_severity(report: PostureReport) -> list[tuple[str, list[dict]]]:
     """Failures first, by severity; then unknowns; then passes."""
-    from .checks import SEVERITIES
+    from .context import SEVERITIES
 
     groups: list[tuple[str, list[dict]]] = []
     for severity in SEVERITIES:

@@ -14,9 +14,9 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from security.models import Alert, AuditEvent, PostureReport
-from security.posture import checks, runner
+from security.posture import checks, context, runner
 from security.posture import services as posture
-from security.posture.checks import FAIL, PASS, UNKNOWN, Finding
+from security.posture.context import FAIL, PASS, UNKNOWN, Finding
 from tests.support.broker import MosquittoServer
 from tests.support.servers import free_port, wait_for_port
 
@@ -30,7 +30,7 @@ def _finding(check_id, status, severity="high"):
 def test_every_check_has_a_place_in_the_order_and_a_fix():
     assert set(runner.ORDER) == set(checks.CHECKS)
     for spec in checks.CHECKS.values():
-        assert spec.severity in checks.SEVERITIES
+        assert spec.severity in context.SEVERITIES
         assert spec.fix.endswith(".") and spec.title
 
 
@@ -57,7 +57,7 @@ def test_a_check_that_raises_or_hangs_is_unknown_never_pass(monkeypatch):
         time.sleep(2)
         return _finding("anonymous_connect", PASS)
 
-    ctx = checks.Context(target=checks.Target("127.0.0.1", 1), check_timeout=1, deadline=time.monotonic() + 10)
+    ctx = context.Context(target=context.Target("127.0.0.1", 1), check_timeout=1, deadline=time.monotonic() + 10)
     monkeypatch.setitem(
         checks.CHECKS,
         "wildcard_hash",
@@ -77,7 +77,9 @@ def test_a_check_that_raises_or_hangs_is_unknown_never_pass(monkeypatch):
 def test_a_broker_nobody_listens_on_gives_unknowns_within_the_budget():
     port = free_port()  # nothing listens there
     started = time.monotonic()
-    result = runner.audit_run(checks.Target("127.0.0.1", port, tls_port=free_port()), total_timeout=10, check_timeout=1)
+    result = runner.audit_run(
+        context.Target("127.0.0.1", port, tls_port=free_port()), total_timeout=10, check_timeout=1
+    )
     assert time.monotonic() - started < 10
     assert {f.status for f in result.findings} == {UNKNOWN}, [(f.id, f.status) for f in result.findings]
 
