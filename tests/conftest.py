@@ -20,9 +20,12 @@ def redis_server():
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def celery_worker(django_db_setup, django_db_blocker, redis_server):
-    """A real worker process. Tests that use it need committed data: mark them transactional_db."""
+    """A real worker process. Tests that use it need committed data: mark them transactional_db.
+
+    One per module, stopped at the module's end: a worker kept for the whole session would still be consuming the
+    default queue while later modules run their own worker (with their own settings), and take some of their tasks."""
     from django.db import connection
 
     with django_db_blocker.unblock():
