@@ -65,3 +65,53 @@ def test_run_broker_execs_mosquitto_with_the_rendered_config(mqtt_test_settings)
         for child in Path(mqtt_test_settings["dir"]).iterdir():
             if child.is_file():
                 child.unlink()
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_run_broker_supervise_restarts_a_broker_that_died_and_stops_with_it(mqtt_test_settings):
+    """docs/broker.md, "Known broker bug": Mosquitto 2.0.11 can crash. Under --supervise (make run) the broker comes
+    back by itself, with a new pid in the pid file (the one the worker signals), and SIGTERM stops both."""
+    import signal
+    import time
+
+    from django.db import connection
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "fleet.settings_test",
+        "FLEET_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "run_broker", "--no-reconcile", "--supervise"],
+        cwd=BASE_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    pid_file = Path(mqtt_test_settings["dir"]) / "mosquitto.pid"
+    port = mqtt_test_settings["port"]
+    consumer = {"username": settings.MQTT_CONSUMER_USERNAME, "password": settings.MQTT_CONSUMER_PASSWORD}
+    try:
+        wait_for_port(port, timeout=20, proc=proc)
+        first = int(pid_file.read_text())
+        assert first != proc.pid and b"mosquitto" in Path(f"/proc/{first}/cmdline").read_bytes()
+        assert raw_connect_code(port, client_id="c1", **consumer) == 0
+        os.kill(first, signal.SIGSEGV)  # what the broker bug looks like from outside
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (not pid_file.exists() or int(pid_file.read_text() or 0) == first):
+            time.sleep(0.1)
+        second = int(pid_file.read_text())
+        assert second != first and proc.poll() is None
+        wait_for_port(port, timeout=20, proc=proc)
+        assert raw_connect_code(port, client_id="c2", **consumer) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) is not None
+        assert not Path(f"/proc/{second}").exists() or b"mosquitto" not in Path(f"/proc/{second}/cmdline").read_bytes()
+        output = proc.stdout.read().decode(errors="replace")
+        assert "restarting in" in output, output[-2000:]
+    finally:
+        stop(proc)
+        for child in Path(mqtt_test_settings["dir"]).iterdir():
+            if child.is_file():
+                child.unlink()

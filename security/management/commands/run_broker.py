@@ -3,11 +3,18 @@
 The command writes its own pid into the pid file and then *execs* Mosquitto, so the pid file names the broker
 (Mosquitto itself writes one only when daemonised). Before the exec, a detached helper process waits until the
 broker listens and triggers a reconcile (through Celery if it is reachable, otherwise inline), so changes made while
-the broker was down are applied and verified by the canary probe."""
+the broker was down are applied and verified by the canary probe.
+
+With ``--supervise`` (what `make run` uses) the command stays the parent instead: it runs Mosquitto as its child,
+writes the child's pid into the pid file, and when the broker dies (Mosquitto 2.0.11 can crash, docs/broker.md,
+"Known broker bug") renders the files again and restarts it after a short, growing pause, with a reconcile after each
+start. SIGTERM and SIGINT are passed on to the broker and end the loop."""
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -59,6 +66,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--no-reconcile", action="store_true", help="Do not trigger a reconcile after start.")
         parser.add_argument(
+            "--supervise",
+            action="store_true",
+            help="Run Mosquitto as a child and restart it when it dies (re-rendering its files first); "
+            "SIGTERM/SIGINT stop both.",
+        )
+        parser.add_argument(
             "--log-file",
             help="Append Mosquitto's own log (every connection and subscription) to this file instead of stdout; "
             "make run uses it so the broker does not drown the other processes' output.",
@@ -76,18 +89,10 @@ class Command(BaseCommand):
             f"Broker files in {cfg.broker_dir}: {len(policy.device_usernames)} device(s); "
             f"listening on {cfg.host}:{cfg.port}; running as {cfg.run_as or 'the current user'}."
         )
-        with open(cfg.pid_file, "w") as handle:  # noqa: PTH123 - the pid that exec keeps
-            handle.write(f"{os.getpid()}\n")
-        if not options["no_reconcile"]:
-            child = os.fork()
-            if child == 0:  # detach (double fork) so the broker never has to reap the helper
-                if os.fork() == 0:
-                    try:
-                        _reconcile_when_listening(cfg.host, cfg.port)
-                    finally:
-                        os._exit(0)
-                os._exit(0)
-            os.waitpid(child, 0)
+        if not options["supervise"]:
+            _write_pid(cfg.pid_file, os.getpid())  # the pid that exec keeps
+            if not options["no_reconcile"]:
+                _reconcile_in_background(cfg)
         sys.stdout.flush()
         sys.stderr.flush()
         argv = [binary, "-c", cfg.config_file]
@@ -101,4 +106,72 @@ class Command(BaseCommand):
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
             os.close(log_fd)
+        if options["supervise"]:
+            self._supervise(argv, adapter, reconcile=not options["no_reconcile"])
+            return
         os.execv(argv[0], argv)  # noqa: S606 - exec with an argument list, no shell
+
+    def _supervise(self, argv: list[str], adapter, *, reconcile: bool) -> None:
+        cfg = adapter.cfg
+        state = {"stopping": False, "child": None}
+
+        def forward(signum, _frame):
+            state["stopping"] = True
+            child = state["child"]
+            if child is not None and child.poll() is None:
+                child.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        restarts = 0
+        while True:
+            child = state["child"] = subprocess.Popen(argv)  # noqa: S603 - an argument list, no shell
+            _write_pid(cfg.pid_file, child.pid)
+            if reconcile:
+                _reconcile_in_background(cfg)
+            started = time.monotonic()
+            status = child.wait()
+            if state["stopping"]:
+                return
+            if time.monotonic() - started > 60:
+                restarts = 0  # it ran for a while: the next failure starts the backoff again
+            restarts += 1
+            pause = min(30.0, 0.5 * 2 ** (restarts - 1))
+            sys.stderr.write(
+                f"run_broker: Mosquitto (pid {child.pid}) exited with status {status}; restarting in {pause:g} s "
+                f"(restart {restarts}). Devices reconnect on their own; a reconcile follows the start.\n"
+            )
+            sys.stderr.flush()
+            time.sleep(pause)
+            if state["stopping"]:
+                return
+            try:
+                adapter.write(policy_desired())  # what the database asks for now, not what the dead broker had
+            except Exception as exc:  # noqa: BLE001 - the broker must come back even if the render fails
+                sys.stderr.write(
+                    f"run_broker: rendering before the restart failed ({exc}); starting with the files on disk\n"
+                )
+            from django.db import connections
+
+            connections.close_all()  # the reconcile helper forks: never share a connection across fork
+
+
+def _write_pid(path: str, pid: int) -> None:
+    with open(path, "w") as handle:  # noqa: PTH123
+        handle.write(f"{pid}\n")
+
+
+def _reconcile_in_background(cfg) -> None:
+    """A detached helper (double fork, so nobody has to reap it) that reconciles once the broker listens."""
+    from django.db import connections
+
+    connections.close_all()
+    child = os.fork()
+    if child == 0:
+        if os.fork() == 0:
+            try:
+                _reconcile_when_listening(cfg.host, cfg.port)
+            finally:
+                os._exit(0)
+        os._exit(0)
+    os.waitpid(child, 0)
