@@ -167,64 +167,49 @@ def payload_key_retire(*, actor, device: Device) -> PayloadKey:
     return row
 
 
-def payload_seal_for_device(*, device: Device, topic: str, plaintext: bytes) -> bytes | None:
-    """Seal a console-to-device message with the device's active key (None: the device has no key). The counter is
-    taken from the key's row under a row lock, so two workers never use the same nonce."""
-    with transaction.atomic():
-        row = PayloadKey.objects.select_for_update().filter(device=device, state=PayloadKey.State.ACTIVE).first()
-        if row is None:
-            return None
-        row.console_counter += 1
-        row.save(update_fields=["console_counter"])
-    key = sealing.PayloadKey(key_decrypt(row.encrypted_key, client_id=row.client_id, key_id=row.key_id))
-    return key.seal(
-        plaintext,
-        topic=topic,
-        client_id=row.client_id,
-        counter=row.console_counter,
-        direction=sealing.CONSOLE_TO_DEVICE,
-    )
-
-
-def payload_seal_many(*, items: list[tuple[int, str, bytes]], chunk: int = 500) -> list[bytes | None]:
-    """(device id, topic, plaintext) of many console-to-device messages -> each sealed with its device's active key,
-    or None for a device without one (the caller sends those in clear). A batch (a rotation chunk of 1,000) costs one
-    locked read and one counter update per ``chunk`` devices, not a transaction per message; each device's counters
-    are reserved under the row lock, so two workers never use the same nonce."""
+def payload_seal_many(*, items: list[tuple[str, str, bytes]], chunk: int = 500) -> list[bytes | None]:
+    """(client id, topic, plaintext) of many console-to-device messages -> each sealed with its device's active key,
+    or None for a device without one (sent in clear). A batch (a rotation chunk of 1,000) costs one locked read and one
+    counter update per ``chunk`` devices, not a transaction per message; each device's counters are reserved under the
+    row lock, so two workers never use the same nonce. The commander calls this for everything it publishes."""
     out: list[bytes | None] = [None] * len(items)
-    wanted: dict[int, int] = {}
-    for device_id, _topic, _plaintext in items:
-        wanted[device_id] = wanted.get(device_id, 0) + 1
-    rows: dict[int, PayloadKey] = {}
-    first: dict[int, int] = {}
-    device_ids = sorted(wanted)
+    wanted: dict[str, int] = {}
+    for client_id, _topic, _plaintext in items:
+        wanted[client_id] = wanted.get(client_id, 0) + 1
+    rows: dict[str, PayloadKey] = {}
+    first: dict[str, int] = {}
+    client_ids = sorted(wanted)
     with transaction.atomic():
-        for i in range(0, len(device_ids), chunk):
+        for i in range(0, len(client_ids), chunk):
             locked = list(
                 PayloadKey.objects.select_for_update().filter(
-                    device_id__in=device_ids[i : i + chunk], state=PayloadKey.State.ACTIVE
+                    client_id__in=client_ids[i : i + chunk], state=PayloadKey.State.ACTIVE
                 )
             )
             for row in locked:
-                first[row.device_id] = row.console_counter + 1
-                row.console_counter += wanted[row.device_id]
-                rows[row.device_id] = row
+                first[row.client_id] = row.console_counter + 1
+                row.console_counter += wanted[row.client_id]
+                rows[row.client_id] = row
             PayloadKey.objects.bulk_update(locked, ["console_counter"])
     if not rows:
         return out
     keys = {
-        device_id: sealing.PayloadKey(key_decrypt(row.encrypted_key, client_id=row.client_id, key_id=row.key_id))
-        for device_id, row in rows.items()
+        client_id: sealing.PayloadKey(key_decrypt(row.encrypted_key, client_id=row.client_id, key_id=row.key_id))
+        for client_id, row in rows.items()
     }
-    for index, (device_id, topic, plaintext) in enumerate(items):
-        row = rows.get(device_id)
-        if row is None:
+    for index, (client_id, topic, plaintext) in enumerate(items):
+        if client_id not in rows:
             continue
-        counter, first[device_id] = first[device_id], first[device_id] + 1
-        out[index] = keys[device_id].seal(
-            plaintext, topic=topic, client_id=row.client_id, counter=counter, direction=sealing.CONSOLE_TO_DEVICE
+        counter, first[client_id] = first[client_id], first[client_id] + 1
+        out[index] = keys[client_id].seal(
+            plaintext, topic=topic, client_id=client_id, counter=counter, direction=sealing.CONSOLE_TO_DEVICE
         )
     return out
+
+
+def payload_seal_for_device(*, device: Device, topic: str, plaintext: bytes) -> bytes | None:
+    """One message (``payload_seal_many`` with one item); None when the device has no active key."""
+    return payload_seal_many(items=[(device.client_id, topic, plaintext)])[0]
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,14 @@ def fleet_tx_filter(channel: str, *, shared_group: str | None = None) -> str:
     return f"$share/{shared_group}/{topic}" if shared_group else topic
 
 
+def rx_client_id(topic: str) -> str | None:
+    """The device a ``rx/<client_id>/<channel>`` topic is for, or None for any other topic."""
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != rx_prefix() or not parts[1]:
+        return None
+    return parts[1]
+
+
 def parse_tx_topic(topic: str) -> tuple[str, str] | None:
     """``tx/<client_id>/<channel>`` -> (client_id, channel), or None for anything else."""
     parts = topic.split("/")

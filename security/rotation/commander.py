@@ -12,6 +12,7 @@ acknowledges it as if it were delivered, mosquitto-notes.md), so an ACL mistake 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ class Outcome:
 
     acknowledged: list[bool]
     errors: dict[int, str]
+    sealed: int = 0  # how many went out sealed to the device's payload key
 
     @property
     def count(self) -> int:
@@ -70,9 +72,29 @@ def publish(messages: list[tuple[str, bytes]], *, timeout: float | None = None) 
     as not acknowledged (the caller keeps them pending and re-sends)."""
     if not messages:
         return Outcome([], {})
+    messages, sealed = _sealed(messages)
     timeout = settings.ROTATION_PUBLISH_TIMEOUT if timeout is None else timeout
     with _commander_lock(timeout):
-        return _publish_locked(messages, timeout=timeout)
+        outcome = _publish_locked(messages, timeout=timeout)
+    return dataclasses.replace(outcome, sealed=sealed)
+
+
+def _sealed(messages: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], int]:
+    """Every message to a device that has a payload key goes out sealed to it (docs/device-protocol.md, section 10):
+    credentials, certificate renewals, firmware offers alike, whoever sends them. The others stay as they are."""
+    from security import topics
+    from security.payloads import payload_seal_many
+
+    targets = [(i, topics.rx_client_id(topic)) for i, (topic, _payload) in enumerate(messages)]
+    targets = [(i, client_id) for i, client_id in targets if client_id]
+    if not targets:
+        return messages, 0
+    sealed = payload_seal_many(items=[(client_id, messages[i][0], messages[i][1]) for i, client_id in targets])
+    out = list(messages)
+    for (i, _client_id), envelope in zip(targets, sealed, strict=True):
+        if envelope is not None:
+            out[i] = (out[i][0], envelope)
+    return out, sum(1 for envelope in sealed if envelope is not None)
 
 
 def _publish_locked(messages: list[tuple[str, bytes]], *, timeout: float) -> Outcome:

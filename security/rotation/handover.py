@@ -84,7 +84,6 @@ def rotation_deliver(*, rotation_ids: list[int], resend: bool = False) -> dict:
         if sent_certificates["failed"]:
             raise CommanderUnavailable(f"{sent_certificates['failed']} certificate renewals were not acknowledged")
     messages: list[tuple[str, bytes]] = []
-    device_ids: list[int] = []  # per message
     sent: list[tuple[int, str]] = []  # (rotation id, command id) per message
     now = timezone.now()
     with transaction.atomic():
@@ -125,7 +124,6 @@ def rotation_deliver(*, rotation_ids: list[int], resend: bool = False) -> dict:
                 )
             )
             per_row.append((command_id, pending_hash, row["id"]))
-            device_ids.append(row["device_id"])
             away = row["device__last_seen"] is None or row["device__last_seen"] < away_before
             by_attempt[(attempt, away)].append(row["id"])
             sent.append((row["id"], command_id))
@@ -138,15 +136,8 @@ def rotation_deliver(*, rotation_ids: list[int], resend: bool = False) -> dict:
         outcome["skipped"] = len(ids) - len(rows) - len(certificate_ids)
     if not messages:
         return outcome
-    # Step 1 of the handover: encrypted to the device's payload key where it has one (docs/device-protocol.md,
-    # section 10); devices without a key get the message in clear, inside the broker connection (TLS where used).
-    from security.payloads import payload_seal_many
-
-    sealed = payload_seal_many(
-        items=[(device_id, topic, payload) for device_id, (topic, payload) in zip(device_ids, messages, strict=True)]
-    )
-    messages = [(topic, s or payload) for (topic, payload), s in zip(messages, sealed, strict=True)]
-    outcome["sealed"] = sum(1 for s in sealed if s is not None)
+    # Step 1 of the handover, "encrypted to the device's payload key": the commander seals what it publishes to a
+    # device that has one.
     try:
         result = commander.publish(messages)
     except commander.CommanderUnavailable as exc:
@@ -167,7 +158,7 @@ def rotation_deliver(*, rotation_ids: list[int], resend: bool = False) -> dict:
         errors = {sent[i][0]: err for i, err in result.errors.items()}
         for rid, cid in failed:
             _delivery_failed([(rid, cid)], errors.get(rid) or "the broker did not acknowledge the message in time")
-    outcome["published"], outcome["failed"] = len(acked), len(failed)
+    outcome["published"], outcome["failed"], outcome["sealed"] = len(acked), len(failed), result.sealed
     return outcome
 
 

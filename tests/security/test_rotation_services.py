@@ -54,7 +54,7 @@ class FakePublisher:
 @pytest.fixture
 def publisher(monkeypatch):
     fake = FakePublisher()
-    monkeypatch.setattr(commander, "publish", fake)
+    monkeypatch.setattr(commander, "_publish_locked", fake)  # the real publish seals, takes the lock
     return fake
 
 
@@ -283,7 +283,7 @@ def test_a_device_with_a_payload_key_gets_its_new_secret_sealed_to_that_key(oper
 
 
 def test_a_delivery_the_broker_did_not_acknowledge_stays_pending_with_the_error(operator, monkeypatch):
-    monkeypatch.setattr(commander, "publish", FakePublisher(ack=False))
+    monkeypatch.setattr(commander, "_publish_locked", FakePublisher(ack=False))
     row = rotation.rotation_start(actor=operator, device=with_secret(operator, "device-rd2"))
     assert rotation.rotation_deliver(rotation_ids=[row.pk])["failed"] == 1
     row = fresh(row)
@@ -553,3 +553,24 @@ def test_the_typed_count_accepts_what_people_type_and_refuses_anything_else():
     assert error.value.message_dict == {
         "confirm_count": ["These filters match 1000 devices that can rotate now; type 1000 to confirm."]
     }
+
+
+def test_the_commander_seals_every_message_to_a_device_with_a_payload_key_whatever_sends_it(operator, publisher):
+    """Credentials, certificate renewals and firmware offers all go out through commander.publish: a device with a key
+    gets them sealed (and may refuse clear ones), others and non-device topics are sent as given."""
+    from fleetkeeper_device import sealing
+    from security.payloads import payload_key_issue
+
+    keyed, _clear = with_secret(operator, "device-cs1"), with_secret(operator, "device-cs2")
+    key = sealing.PayloadKey(payload_key_issue(actor=operator, device=keyed).key_text)
+    offer = b'{"type": "firmware_offer"}'
+    outcome = commander.publish(
+        [("rx/device-cs1/firmware", offer), ("rx/device-cs2/firmware", offer), ("tx/device-cs1/telemetry", b"x")]
+    )
+    assert outcome.sealed == 1 and outcome.count == 3
+    sent = publisher.raw
+    assert sent[1] == ("rx/device-cs2/firmware", offer) and sent[2] == ("tx/device-cs1/telemetry", b"x")
+    opened = key.open(
+        sent[0][1], topic="rx/device-cs1/firmware", client_id="device-cs1", direction=sealing.CONSOLE_TO_DEVICE
+    )
+    assert opened.plaintext == offer
