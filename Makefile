@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export PATH := $(PATH):/usr/sbin:/sbin
 
 .DEFAULT_GOAL := help
-.PHONY: help run test bench lint format venv system-deps system-deps-test assets clean clean-state
+.PHONY: help run test soak bench lint format venv system-deps system-deps-test assets clean clean-state
 
 help: ## Show this help
 	@echo "Fleetkeeper: a security console for MQTT device fleets."
@@ -25,8 +25,11 @@ help: ## Show this help
 run: system-deps venv assets ## Install what is missing, migrate, create admin + demo fleet, start everything
 	@bash scripts/run.sh || { rc=$$?; if [ $$rc -eq 130 ] || [ $$rc -eq 143 ]; then echo "Stopped."; else exit $$rc; fi; }
 
-test: system-deps-test venv assets ## Install what the tests need and run the whole suite (all markers)
-	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+test: system-deps-test venv assets ## Install what the tests need and run the whole suite (every marker but soak)
+	@bash scripts/test.sh $(PYTEST_ARGS)
+
+soak: system-deps-test venv assets ## The long soak and load tests (minutes each; make test runs a short version)
+	$(VENV)/bin/pytest -q -ra -p no:xdist -m soak --durations=0 $(PYTEST_ARGS)
 
 bench: system-deps venv ## Run the performance benchmarks (bench/)
 	@if [ -f bench/__main__.py ]; then \

@@ -5,21 +5,19 @@ come in through the environment before this module is read.
 """
 
 import os
-import socket
 import tempfile
 
-os.environ.setdefault("FLEET_VAR_DIR", tempfile.mkdtemp(prefix="fleetkeeper-test-var-"))
+from tests.support.servers import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# The test Redis (started by tests/conftest.py) gets a free port, chosen here, before anything reads
-# REDIS_URL; child processes (a Celery worker) inherit it through the environment.
-os.environ.setdefault("FLEET_TEST_REDIS_URL", f"redis://127.0.0.1:{_free_port()}/0")
+# Each test process owns a var/ directory and a Redis port, chosen here before anything reads them; its child
+# processes (a Celery worker) inherit them through the environment. Under pytest-xdist every worker process (gw0,
+# gw1, ...) inherits the controller's environment too, so a worker that finds values chosen for another process
+# (FLEET_TEST_OWNER differs from its own id) chooses its own: nothing is shared between workers by accident.
+_owner = os.environ.get("PYTEST_XDIST_WORKER", "main")
+if os.environ.get("FLEET_TEST_OWNER") != _owner:
+    os.environ["FLEET_TEST_OWNER"] = _owner
+    os.environ["FLEET_VAR_DIR"] = tempfile.mkdtemp(prefix=f"fleetkeeper-test-var-{_owner}-")
+    os.environ["FLEET_TEST_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
 os.environ["REDIS_URL"] = os.environ["FLEET_TEST_REDIS_URL"]
 for _name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
     os.environ.pop(_name, None)

@@ -437,7 +437,10 @@ class DeviceClient:
         self.events.published(self, mid, getattr(reason_code, "value", 0))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        self.events.subscribed(self, mid, [getattr(rc, "value", rc) for rc in reason_codes])
+        codes = [getattr(rc, "value", rc) for rc in reason_codes]
+        # The broker has granted rx/<id>/# (SUBACK below 0x80): from now on the console's messages reach the device.
+        self.stats["subscribed" if all(code < 0x80 for code in codes) else "subscribe_refused"] += 1
+        self.events.subscribed(self, mid, codes)
 
     # ------------------------------------------------------------------ receiving
     def _on_message(self, client, userdata, message) -> None:

@@ -48,8 +48,17 @@ def offer_for(image, key, **overrides):
 
 def test_a_correctly_signed_offer_verifies_and_its_image_checks_out(signing_key):
     offer = offer_for(IMAGE, signing_key)
-    verify_offer(offer, signing_key.public_key())
-    offer.check_image(IMAGE)
+    # What the device application is handed to decide on: the offer as the console sent it.
+    assert (offer.message_id, offer.version, offer.url) == ("fw-1", "2.0.0", "https://firmware.example.test/image.bin")
+    assert offer.size == len(IMAGE) and offer.sha256 == hashlib.sha256(IMAGE).hexdigest()
+    assert verify_offer(offer, signing_key.public_key()) is None  # verifies: no FirmwareRejected
+    assert offer.check_image(IMAGE) is None  # the downloaded image is the signed one
+    # The same checks on the same offer do refuse: one flipped byte of the image, or the signature of another digest.
+    with pytest.raises(FirmwareRejected, match="digest does not match"):
+        offer.check_image(IMAGE[:-1] + b"\x00")
+    forged = FirmwareOffer(**{**offer.__dict__, "signature": sign_digest(signing_key, "00" * 32)})
+    with pytest.raises(FirmwareRejected, match="does not verify"):
+        verify_offer(forged, signing_key.public_key())
 
 
 def test_an_offer_signed_by_another_key_is_refused(signing_key):

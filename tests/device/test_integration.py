@@ -7,7 +7,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from django.conf import settings
@@ -17,6 +16,7 @@ from fleetkeeper_device.simulator import DeviceSpec, Simulation
 from security import services
 from tests.factories import DeviceFactory
 from tests.support.broker import ConsoleClients
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
@@ -33,15 +33,6 @@ def apply_now():
 
 def issue(operator, device, secret=None):
     return services.credential_issue(actor=operator, device=device, secret=secret).password
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 @pytest.fixture
@@ -92,8 +83,8 @@ def test_a_command_delivered_twice_is_executed_and_acked_exactly_once(mosquitto,
     apply_now()
     runs = []
     device = devices("device-cmd-1", secret, command_handlers={"blink": lambda args: runs.append(args) or {"ok": 1}})
-    assert device.wait_connected(5) and wait_until(lambda: device.stats["status"] >= 1)
-    time.sleep(0.2)  # the device's subscription is in place once its SUBACK has come back
+    assert device.wait_connected(5) and wait_until(lambda: device.stats["status"] >= 1, timeout=5.0)
+    assert wait_until(lambda: device.stats["subscribed"] >= 1, timeout=5), "the broker never granted rx/<id>/#"
 
     command = protocol.encode("command", id="cmd-blink-1", name="blink", args={"times": 3})
     console.publish("rx/device-cmd-1/command", command, qos=1)
@@ -101,8 +92,10 @@ def test_a_command_delivered_twice_is_executed_and_acked_exactly_once(mosquitto,
     other = protocol.encode("command", id="cmd-ping-2", name="ping")
     console.publish("rx/device-cmd-1/command", other, qos=1)
 
-    assert console.wait_for(lambda ms: sum(m.topic == "tx/device-cmd-1/ack" for m in ms) >= 2, timeout=3)
-    time.sleep(SETTLE)
+    # The device answers in order: once the last command's ack is in, an ack for the duplicate would be too.
+    assert console.wait_for(
+        lambda ms: any(m.topic == "tx/device-cmd-1/ack" and b"cmd-ping-2" in m.payload for m in ms), timeout=3
+    )
     acks = messages_on(console, "tx/device-cmd-1/ack")
     assert sorted(a["id"] for a in acks) == ["cmd-blink-1", "cmd-ping-2"]
     blink = next(a for a in acks if a["id"] == "cmd-blink-1")
@@ -115,8 +108,8 @@ def test_a_broken_or_unknown_command_is_answered_rejected_with_the_reason(mosqui
     secret = issue(operator, DeviceFactory(client_id="device-cmd-2"))
     apply_now()
     device = devices("device-cmd-2", secret)
-    assert device.wait_connected(5) and wait_until(lambda: device.stats["status"] >= 1)
-    time.sleep(0.2)
+    assert device.wait_connected(5) and wait_until(lambda: device.stats["status"] >= 1, timeout=5.0)
+    assert wait_until(lambda: device.stats["subscribed"] >= 1, timeout=5), "the broker never granted rx/<id>/#"
     console.publish("rx/device-cmd-2/command", protocol.encode("command", id="c-1", name="self_destruct"))
     console.publish("rx/device-cmd-2/command", json.dumps({"v": 1, "type": "command", "id": "c-2", "name": 7}))
     assert console.wait_for(lambda ms: sum(m.topic == "tx/device-cmd-2/ack" for m in ms) >= 2, timeout=3)
@@ -132,8 +125,8 @@ def test_rotation_handover_falls_back_to_the_previous_secret_until_the_broker_sw
     old_secret = issue(operator, device_row)
     apply_now()
     device = devices("device-rot-1", old_secret)
-    assert device.wait_connected(5) and wait_until(lambda: device.stats["status"] >= 1)
-    time.sleep(0.2)
+    assert device.wait_connected(5) and wait_until(lambda: device.stats["status"] >= 1, timeout=5.0)
+    assert wait_until(lambda: device.stats["subscribed"] >= 1, timeout=5), "the broker never granted rx/<id>/#"
 
     # The console sends a new secret; the device stores it (keeping the old one) and confirms.
     new_secret = secrets.token_urlsafe(32)
@@ -155,7 +148,7 @@ def test_rotation_handover_falls_back_to_the_previous_secret_until_the_broker_sw
     issue(operator, device_row, secret=new_secret)
     apply_now()
     assert wait_until(lambda: device.stats["connects"] > connects and device.connected, timeout=5), device.stats
-    assert wait_until(lambda: device.store.load().previous is None)
+    assert wait_until(lambda: device.store.load().previous is None, timeout=5.0)
     assert device.store.load().current.secret == new_secret
     assert device.stats["fallbacks"] == 1
 
@@ -286,9 +279,9 @@ def test_certificate_renewal_firmware_offers_and_config_round_trip_through_the_b
         firmware_hook=lambda offer: offers.append(offer.version) or True,
         config_handler=lambda config, revision: configs.append((config, revision)),
     )
-    assert device.wait_connected(5) and wait_until(lambda: device.stats["status"] >= 1)
+    assert device.wait_connected(5) and wait_until(lambda: device.stats["status"] >= 1, timeout=5.0)
     assert console.subscribe("tx/+/csr") == [1]
-    time.sleep(0.2)
+    assert wait_until(lambda: device.stats["subscribed"] >= 1, timeout=5), "the broker never granted rx/<id>/#"
 
     def acks():
         return {a["id"]: a for a in messages_on(console, "tx/device-full-1/ack")}

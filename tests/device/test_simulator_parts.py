@@ -71,6 +71,7 @@ def test_reactor_runs_timers_in_order_and_skips_cancelled_ones():
     assert seen == ["first", "second", "third"]
 
 
+@pytest.mark.serial  # a half-second bound on a thread's wake-up
 def test_reactor_takes_work_from_other_threads_without_waiting_for_a_timer():
     reactor = Reactor()
     reactor.call_later(60, lambda: None)  # nothing else would wake the loop for a minute

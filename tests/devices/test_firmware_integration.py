@@ -13,8 +13,9 @@ from devices.firmware import services as firmware
 from devices.models import Device, FirmwareOffer, FirmwareRelease, FirmwareSigningKey
 from security.models import Alert
 from tests.factories import DeviceModelFactory
-from tests.security.test_rotation import WORKER_ENV, live, wait_until
+from tests.security.test_rotation import WORKER_ENV, live
 from tests.support.servers import CeleryWorker
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -87,7 +88,9 @@ def test_a_signed_offer_is_accepted_and_a_foreign_or_tampered_one_is_refused(
         firmware_hook=installer,
     )
     assert device.wait_connected(10)
-    assert wait_until(lambda: Device.objects.get(pk=row.pk).firmware_version == "1.9.0"), worker.log()[-3000:]
+    assert wait_until(lambda: Device.objects.get(pk=row.pk).firmware_version == "1.9.0", timeout=30.0), worker.log()[
+        -3000:
+    ]
 
     # 1. Signed by the registry: the device verifies, downloads from the console, checks the digest, accepts.
     firmware.firmware_offer(actor=operator, release=release, device_ids=[row.pk])
@@ -137,7 +140,9 @@ def test_withdrawing_or_marking_vulnerable_alerts_the_devices_running_it(broker,
         lambda: Alert.objects.filter(kind="firmware_outdated", client_id="device-fw-on").exists(), timeout=30
     ), worker.log()[-4000:]
     assert Alert.objects.get(kind="firmware_outdated", client_id="device-fw-on").severity == "low"
-    assert wait_until(lambda: Device.objects.get(pk=newer.pk).firmware_version == "3.1"), worker.log()[-3000:]
+    assert wait_until(lambda: Device.objects.get(pk=newer.pk).firmware_version == "3.1", timeout=30.0), worker.log()[
+        -3000:
+    ]
 
     firmware.firmware_release_mark_vulnerable(actor=operator, release=v3, advisory="CVE-2026-4242: auth bypass")
     assert wait_until(

@@ -255,9 +255,18 @@ def test_rendered_files_load_in_the_real_broker(mosquitto, settings):
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.django_db
-def test_rendered_files_load_in_the_real_broker_at_100000_devices(mqtt_test_settings, settings):
-    count = 100_000
+@pytest.mark.parametrize(
+    ("count", "bound"),
+    [
+        # make test: large enough to catch a slow render or load; the last line still authenticates.
+        pytest.param(10_000, 5, id="10000-devices"),
+        # make soak: the design's fleet size (the benchmark holds its 5 s target on a quiet machine).
+        pytest.param(100_000, 15, id="100000-devices", marks=pytest.mark.soak),
+    ],
+)
+def test_rendered_files_load_in_the_real_broker_at_fleet_scale(mqtt_test_settings, settings, count, bound):
     stored = hash_secret("shared-secret-for-load-test-" + "k" * 16, iterations=settings.MQTT_PASSWORD_ITERATIONS)
     Device.objects.bulk_create(
         [
@@ -267,12 +276,13 @@ def test_rendered_files_load_in_the_real_broker_at_100000_devices(mqtt_test_sett
         batch_size=5000,
     )
     ids = dict(Device.objects.values_list("client_id", "pk"))
+    last = f"device-{count - 1:06d}"
     known = hash_secret("the-last-devices-secret-" + "z" * 20, iterations=settings.MQTT_PASSWORD_ITERATIONS)
     DeviceCredential.objects.bulk_create(
         [
             DeviceCredential(
                 device_id=pk,
-                password_hash=known if client_id == "device-099999" else stored,
+                password_hash=known if client_id == last else stored,
                 issued_at="2026-01-01T00:00Z",
             )
             for client_id, pk in ids.items()
@@ -287,13 +297,13 @@ def test_rendered_files_load_in_the_real_broker_at_100000_devices(mqtt_test_sett
     server = MosquittoServer(mqtt_test_settings["dir"], mqtt_test_settings["port"]).start(timeout=30)
     try:
         code = raw_connect_code(
-            server.port, client_id="x", username="device-099999", password="the-last-devices-secret-" + "z" * 20
+            server.port, client_id="x", username=last, password="the-last-devices-secret-" + "z" * 20
         )
         loaded = time.monotonic() - started  # the last line of the file authenticates: it has been loaded
         assert code == 0, server.log()[-2000:]
-        assert raw_connect_code(server.port, client_id="x", username="device-099999", password="wrong") != 0
-        print(f"100,000 devices: rendered and written in {rendered:.2f} s, listening after {loaded:.2f} s")
-        assert loaded < 15  # the benchmark holds the 5 s target; this bound only catches a gross regression
+        assert raw_connect_code(server.port, client_id="x", username=last, password="wrong") != 0
+        print(f"{count:,} devices: rendered and written in {rendered:.2f} s, listening after {loaded:.2f} s")
+        assert loaded < bound  # the benchmark holds the targets; this bound only catches a gross regression
     finally:
         server.stop()
         for child in mqtt_test_settings["dir"].iterdir():

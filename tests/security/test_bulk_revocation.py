@@ -1,8 +1,6 @@
 """Bulk revoke and quarantine (issue 5): filters, preview, typed confirmation, progress; and 500 devices revoked
 through a real worker and a real Mosquitto, every one refused."""
 
-import time
-
 import pytest
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
@@ -14,21 +12,13 @@ from security import revocation, services
 from security.brokers.render import hash_secret
 from security.models import AuditEvent, BulkAction, DeviceAction, DeviceCredential
 from tests.factories import DeviceFactory, DeviceGroupFactory, DeviceModelFactory
+from tests.support.waiting import wait_until
 
 
 def api(user):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
     return client
-
-
-def wait_until(predicate, timeout=60.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # --- validation, preview and confirmation (no servers) ------------------------------------------------------------

@@ -10,45 +10,34 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-import redis
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 
 from devices.models import Device
 from fleetkeeper_device import protocol
-from fleetkeeper_device.simulator import DeviceSpec, Simulation
-from security import services
 from security.models import Alert, DeviceActivity
 from security.tasks import detect_silent_devices
-from tests.factories import DeviceFactory
-from tests.support.servers import CeleryWorker
+from tests.support.detection import (
+    ON_CONNECT,
+    QUEUE,
+    broker_quiet,
+    broker_watched,
+    fleet,
+    ingested,
+    simulate,
+    start_detection_worker,
+)
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-WORKER_ENV = {
-    "DETECTION_CONSUMER_ENABLED": "1",
-    "DETECTION_RECONNECT_MAX_SECONDS": "1",
-    "DETECTION_FLUSH_SECONDS": "0.2",
-    "DETECTION_WINDOW_SECONDS": "5",
-    "DETECTION_RATE_ABSOLUTE_PER_WINDOW": "120",
-    "DETECTION_AUTH_FAILURES_BRUTE_FORCE": "4",
-    "DETECTION_PROBE_HOLD_SECONDS": "1.0",
-    # The monitor tails <MQTT_BROKER_DIR>/broker-debug.log; only the test that renders the broker with the option
-    # makes the broker write it (elsewhere the file does not exist and nothing is read).
-    "DETECTION_DENIED_PUBLISHES": "1",
-    # The silence check runs in the worker (the task beat would send), with a short limit.
-    "DETECTION_SILENCE_SECONDS": "3",
-}
-# Every hostile device subscribes to #, +/# and $SYS/# as soon as it connects (fleetkeeper_device/hostile.py).
-ON_CONNECT = {"subscription_violation"}
 
 
 @pytest.fixture(scope="module")
 def detection_worker(django_db_setup, django_db_blocker):
     with django_db_blocker.unblock():
         db_name = connection.settings_dict["NAME"]
-    # Its own queue: it runs the consumer only, not the tests' enforcement tasks (they run inline here).
-    worker = CeleryWorker(db_name=str(db_name), extra_env=WORKER_ENV, queues="detection-tests").start()
+    worker = start_detection_worker(str(db_name))
     yield worker
     worker.stop()
 
@@ -56,68 +45,9 @@ def detection_worker(django_db_setup, django_db_blocker):
 @pytest.fixture
 def broker(mosquitto, detection_worker):
     """The broker, with the worker's consumer and monitor connected and subscribed."""
-    r = redis.Redis.from_url(settings.REDIS_URL)
-    for key in r.scan_iter(f"{settings.DETECTION_REDIS_PREFIX}:*"):
-        r.delete(key)
-    assert mosquitto.wait_for_log("fleetkeeper-consumer 1 $share/", timeout=15), detection_worker.log()[-3000:]
-    assert mosquitto.wait_for_log("fleetkeeper-monitor 0 $SYS/broker/log/#", timeout=15), mosquitto.log()[-3000:]
+    log_start = broker_watched(mosquitto, detection_worker)
     yield mosquitto
-    # Let the monitor finish with this test's lines (refusals are held briefly) before the database is emptied.
-    time.sleep(float(WORKER_ENV["DETECTION_PROBE_HOLD_SECONDS"]) + 0.5)
-    drop_queued_tasks()
-
-
-def drop_queued_tasks():
-    """This test applied enforcement itself; the tasks its commits queued must not run later, in another test."""
-    from fleet.celery import app
-
-    app.control.purge()
-
-
-def fleet(operator, n, *, hostile=0, firmware="1.0.0"):
-    rows = [DeviceFactory() for _ in range(n)]
-    specs = [
-        DeviceSpec(
-            row.client_id,
-            services.credential_issue(actor=operator, device=row).password,
-            firmware=firmware,
-            hostile=i < hostile,
-        )
-        for i, row in enumerate(rows)
-    ]
-    result = services.enforcement_apply(coalesce=False)
-    assert result is not None and result.probe.ok, result
-    return specs
-
-
-def simulate(broker, specs, *, attacks=("flood",), duration=4.0, rate=4.0, **kwargs):
-    class Out:
-        def write(self, text):
-            pass
-
-    return Simulation(
-        specs,
-        host="127.0.0.1",
-        port=broker.port,
-        rate=rate,
-        duration=duration,
-        max_packet_size=settings.MQTT_MAX_PACKET_SIZE,
-        seed=7,
-        out=Out(),
-        hostile_interval=0.4,
-        flood_burst=200,
-        attacks=attacks,
-        **kwargs,
-    ).run()
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
+    broker_quiet(mosquitto, log_start)
 
 
 def kinds_for(client_id):
@@ -139,10 +69,11 @@ def alerts_for_others(specs, hostile_id):
 def test_hostile_behaviour_raises_exactly_its_alert_for_the_attacker(broker, operator, attack, expected):
     specs = fleet(operator, 3, hostile=1)
     hostile = specs[0].client_id
-    simulate(broker, specs, attacks=(attack,), duration=3.0)
+    result = simulate(broker, specs, attacks=(attack,), duration=3.0)
     wanted = ON_CONNECT | expected
-    assert wait_for(lambda: kinds_for(hostile) >= wanted, timeout=8), kinds_for(hostile)
-    time.sleep(1.0)  # anything else that was going to be raised has been by now
+    assert wait_until(lambda: kinds_for(hostile) >= wanted, timeout=8), kinds_for(hostile)
+    # Anything else those messages were going to raise has been raised once the consumer has recorded them all.
+    assert ingested(specs, result["telemetry"]), "the consumer never recorded the simulation's telemetry"
     assert kinds_for(hostile) == wanted
     alert = Alert.objects.get(client_id=hostile, kind=next(iter(wanted - ON_CONNECT or wanted)))
     assert alert.device is not None and alert.device.client_id == hostile
@@ -154,13 +85,13 @@ def test_wildcard_subscriptions_are_one_alert_with_every_filter_in_the_evidence(
     specs = fleet(operator, 2, hostile=1)
     hostile = specs[0].client_id
     simulate(broker, specs, attacks=("wildcard_subscribe",), duration=3.0)
-    assert wait_for(lambda: Alert.objects.filter(client_id=hostile, kind="subscription_violation").exists())
-    time.sleep(0.5)
+    # Repeated attempts (on connect, then every attack) update the one open alert.
+    assert wait_until(
+        lambda: Alert.objects.filter(client_id=hostile, kind="subscription_violation", occurrences__gte=6).exists()
+    ), "the wildcard attempts were not all counted on one alert"
     alert = Alert.objects.get(client_id=hostile, kind="subscription_violation")
     filters = {sample["filter"] for sample in alert.evidence["samples"]}
     assert filters == {"#", "+/#", "$SYS/#"}
-    # Repeated attempts (on connect, then every attack) update the one open alert.
-    assert alert.occurrences >= 6
     assert alert.evidence["counts"]["subscriptions"] == alert.occurrences
 
 
@@ -168,7 +99,7 @@ def test_brute_force_is_attributed_to_the_source_address_and_escalates(broker, o
     specs = fleet(operator, 3, hostile=1)
     hostile = specs[0].client_id
     simulate(broker, specs, attacks=("brute_force",), duration=3.0)
-    assert wait_for(
+    assert wait_until(
         lambda: Alert.objects.filter(kind="auth_failures", subject="127.0.0.1", severity="high").exists(), timeout=8
     )
     alert = Alert.objects.get(kind="auth_failures", subject="127.0.0.1")
@@ -186,9 +117,9 @@ def test_takeover_attempt_is_a_client_id_conflict_on_the_attackers_own_id(broker
     # second client, are what the log shows.
     specs = fleet(operator, 3, hostile=1)
     hostile = specs[0].client_id
-    simulate(broker, specs, attacks=("takeover",), duration=3.0)
-    assert wait_for(lambda: "client_id_conflict" in kinds_for(hostile), timeout=8), kinds_for(hostile)
-    time.sleep(1.0)
+    result = simulate(broker, specs, attacks=("takeover",), duration=3.0)
+    assert wait_until(lambda: "client_id_conflict" in kinds_for(hostile), timeout=8), kinds_for(hostile)
+    assert ingested(specs, result["telemetry"]), "the consumer never recorded the simulation's telemetry"
     assert kinds_for(hostile) - ON_CONNECT <= {"client_id_conflict", "fingerprint_changed", "credential_cloned"}
     assert "fingerprint_changed" in kinds_for(hostile) or "credential_cloned" in kinds_for(hostile)
     assert alerts_for_others(specs, hostile) == [], broker.log()
@@ -201,7 +132,7 @@ def test_cross_device_publish_is_invisible_to_detection(broker, operator):
     hostile, victim = specs[0].client_id, specs[1].client_id
     result = simulate(broker, specs, attacks=("cross_publish",), duration=3.0)
     assert result["hostile_stats"].get("refused_cross_publish", 0) >= 1
-    time.sleep(1.5)
+    assert ingested(specs, result["telemetry"]), "the consumer never recorded the simulation's telemetry"
     assert kinds_for(victim) == set()
     assert kinds_for(hostile) == ON_CONNECT
 
@@ -221,13 +152,13 @@ def test_cross_device_publish_is_an_acl_alert_for_the_attacker_when_the_debug_lo
         return debug_log.exists() and text in debug_log.read_text(errors="replace")
 
     # The worker's consumer and monitor reconnect to the restarted broker (their subscriptions are logged there).
-    assert wait_for(lambda: logged("fleetkeeper-consumer 1 $share/"), timeout=15), broker.log()[-2000:]
-    assert wait_for(lambda: logged("fleetkeeper-monitor 0 $SYS/broker/log/#"), timeout=15)
+    assert wait_until(lambda: logged("fleetkeeper-consumer 1 $share/"), timeout=15), broker.log()[-2000:]
+    assert wait_until(lambda: logged("fleetkeeper-monitor 0 $SYS/broker/log/#"), timeout=15)
     result = simulate(broker, specs, attacks=("cross_publish",), duration=3.0)
     assert result["hostile_stats"].get("refused_cross_publish", 0) >= 1
     assert logged(f"Denied PUBLISH from {hostile}")
-    assert wait_for(lambda: "publish_denied" in kinds_for(hostile), timeout=8), kinds_for(hostile)
-    time.sleep(1.0)
+    assert wait_until(lambda: "publish_denied" in kinds_for(hostile), timeout=8), kinds_for(hostile)
+    assert ingested(specs, result["telemetry"]), "the consumer never recorded the simulation's telemetry"
     assert kinds_for(hostile) == ON_CONNECT | {"publish_denied"}
     assert kinds_for(victim) == set()
     alert = Alert.objects.get(client_id=hostile, kind="publish_denied")
@@ -239,20 +170,6 @@ def test_cross_device_publish_is_an_acl_alert_for_the_attacker_when_the_debug_lo
     assert alert.occurrences == alert.evidence["counts"]["denied_publishes"] >= 1
 
 
-def test_honest_devices_raise_nothing_over_a_minute_and_their_state_is_recorded(broker, operator):
-    # A minute is twelve of the worker's 5-second windows: the baselines are learned (6 windows) and then checked.
-    specs = fleet(operator, 4)
-    simulate(broker, specs, duration=60.0, rate=4.0)
-    time.sleep(1.0)
-    assert list(Alert.objects.values_list("kind", "client_id")) == []
-    for spec in specs:
-        activity = DeviceActivity.objects.get(client_id=spec.client_id)
-        assert activity.telemetry >= 150 and activity.malformed == 0
-        assert activity.last_status["firmware"] == "1.0.0"
-        device = Device.objects.get(client_id=spec.client_id)
-        assert device.last_seen is not None
-
-
 def test_stale_firmware_is_flagged_from_the_status_message(broker, operator):
     specs = fleet(operator, 2, firmware="1.2.0")
     model = Device.objects.get(client_id=specs[0].client_id).model
@@ -262,7 +179,7 @@ def test_stale_firmware_is_flagged_from_the_status_message(broker, operator):
     other.latest_firmware = "1.2.0"
     other.save()
     simulate(broker, specs, duration=2.0)
-    assert wait_for(lambda: kinds_for(specs[0].client_id) == {"firmware_below_minimum"})
+    assert wait_until(lambda: kinds_for(specs[0].client_id) == {"firmware_below_minimum"})
     assert kinds_for(specs[1].client_id) == set()
     assert Device.objects.get(client_id=specs[0].client_id).firmware_version == "1.2.0"
 
@@ -270,13 +187,18 @@ def test_stale_firmware_is_flagged_from_the_status_message(broker, operator):
 def test_a_device_silent_past_its_interval_is_flagged_and_the_talking_one_is_not(broker, operator):
     specs = fleet(operator, 2)
     simulate(broker, specs, duration=2.0)
-    assert wait_for(lambda: Device.objects.filter(last_seen__isnull=False).count() == 2)
+    assert wait_until(lambda: Device.objects.filter(last_seen__isnull=False).count() == 2)
     talking = threading.Thread(target=simulate, args=(broker, specs[:1]), kwargs={"duration": 6.0})
     talking.start()
-    time.sleep(4.0)
+
+    def silent_for():
+        return (timezone.now() - Device.objects.get(client_id=specs[1].client_id).last_seen).total_seconds()
+
+    # Silent past the worker's limit (DETECTION_SILENCE_SECONDS=3), by the clock of its own last_seen.
+    assert wait_until(lambda: silent_for() > 3.5, timeout=10), silent_for()
     # The beat task, run by the real worker (DETECTION_SILENCE_SECONDS=3 there), as the schedule would send it.
-    detect_silent_devices.apply_async(queue="detection-tests")
-    assert wait_for(lambda: kinds_for(specs[1].client_id) == {"device_silent"}, timeout=10)
+    detect_silent_devices.apply_async(queue=QUEUE)
+    assert wait_until(lambda: kinds_for(specs[1].client_id) == {"device_silent"}, timeout=10)
     talking.join()
     assert kinds_for(specs[1].client_id) == {"device_silent"}
     assert kinds_for(specs[0].client_id) == set()
@@ -329,12 +251,12 @@ def test_ten_thousand_malformed_payloads_are_counted_and_the_consumer_keeps_goin
         row = DeviceActivity.objects.filter(client_id=noisy.client_id).first()
         return row is not None and row.messages == 10_001
 
-    assert wait_for(counted, timeout=30)
+    assert wait_until(counted, timeout=30)
     row = DeviceActivity.objects.get(client_id=noisy.client_id)
     assert row.malformed == 10_000 and row.telemetry == 1
     alert = Alert.objects.get(client_id=noisy.client_id, kind="malformed_messages")
     assert alert.evidence["counts"]["malformed"] == 10_000
     # The consumer is still running: an honest device's messages are processed afterwards.
     simulate(broker, [quiet], duration=2.0)
-    assert wait_for(lambda: DeviceActivity.objects.filter(client_id=quiet.client_id, telemetry__gte=2).exists())
+    assert wait_until(lambda: DeviceActivity.objects.filter(client_id=quiet.client_id, telemetry__gte=2).exists())
     assert Alert.objects.filter(kind="malformed_messages").count() == 1

@@ -13,6 +13,7 @@ from django.conf import settings
 from fleetkeeper_device import protocol
 from security.detection import wire
 from security.detection.consumer import Consumer
+from tests.support.waiting import wait_until
 
 PUBLISH = wire.publish_packet
 
@@ -154,15 +155,6 @@ def test_acks_reach_the_rotation_inbox_and_a_flood_of_them_is_bounded_and_counte
 # --- against the real broker ------------------------------------------------------------------------------------
 
 
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
-
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_the_subscriber_acknowledges_qos1_reconnects_and_reports_a_refusal(mosquitto, operator):
@@ -196,7 +188,7 @@ def test_the_subscriber_acknowledges_qos1_reconnects_and_reports_a_refusal(mosqu
     publisher = None
     try:
         # A refused CONNACK is reported and retried with backoff, never a crash.
-        assert _wait(lambda: refused.stats.refusals >= 2), refused.stats
+        assert wait_until(lambda: refused.stats.refusals >= 2), refused.stats
         assert "CONNACK 5" in refused.stats.last_error and not refused.is_connected()
         assert good.wait_subscribed(10), good.stats
         publisher = MqttClient(mosquitto.port, client_id=device.client_id, username=device.client_id, password=secret)
@@ -207,16 +199,16 @@ def test_the_subscriber_acknowledges_qos1_reconnects_and_reports_a_refusal(mosqu
         status = protocol.encode("status", id="s-1", ts=time.time(), firmware="1.0.0", boot_time=1.0, uptime=5)
         for _ in range(count):
             publisher.client.publish(f"tx/{device.client_id}/status", status, qos=1)
-        assert _wait(lambda: len(got) == count), (len(got), good.stats)
+        assert wait_until(lambda: len(got) == count), (len(got), good.stats)
         assert {(t, q) for t, _p, q, _i in got} == {(f"tx/{device.client_id}/status".encode(), 1)}
         # The broker restarts: the subscriber comes back by itself and receives again.
         publisher.close()
         mosquitto.restart()
-        assert _wait(lambda: good.stats.sessions >= 2 and good.is_connected(), timeout=15), good.stats
+        assert wait_until(lambda: good.stats.sessions >= 2 and good.is_connected(), timeout=15), good.stats
         publisher = MqttClient(mosquitto.port, client_id=device.client_id, username=device.client_id, password=secret)
         assert publisher.connect() == 0
         publisher.client.publish(f"tx/{device.client_id}/status", status, qos=1)
-        assert _wait(lambda: len(got) == count + 1)
+        assert wait_until(lambda: len(got) == count + 1)
     finally:
         if publisher is not None:
             publisher.close()
@@ -284,13 +276,14 @@ def test_a_broker_that_sends_garbage_is_dropped_and_reconnected_to():
             reconnect_max=1,
         ).start()
         try:
-            assert _wait(lambda: sub.stats.protocol_errors >= 2, timeout=15), sub.stats
+            assert wait_until(lambda: sub.stats.protocol_errors >= 2, timeout=15), sub.stats
             assert sub.stats.sessions >= 2 and len(got) >= 2
             assert "longer than four bytes" in sub.stats.last_error
         finally:
             sub.stop()
 
 
+@pytest.mark.serial  # the interval between two pings is measured
 def test_keepalive_pings_at_half_the_interval_and_a_silent_broker_is_left():
     """keepalive=2: a PINGREQ after ~1 s of quiet; the first peer answers (the session stays), the second never
     answers anything after SUBACK, so the subscriber gives up on it after 1.5 x keepalive + 1 s and reconnects."""
@@ -323,11 +316,11 @@ def test_keepalive_pings_at_half_the_interval_and_a_silent_broker_is_left():
         reconnect_max=1,
     ).start()
     try:
-        assert _wait(lambda: len(pings) >= 2, timeout=10), pings
+        assert wait_until(lambda: len(pings) >= 2, timeout=10), pings
         assert 0.5 < pings[1] - pings[0] < 2.0
-        assert _wait(lambda: len(sessions) == 2 and sub.is_connected(), timeout=10)
+        assert wait_until(lambda: len(sessions) == 2 and sub.is_connected(), timeout=10)
         silent_since = time.monotonic()
-        assert _wait(lambda: sub.stats.disconnects >= 2, timeout=15), sub.stats
+        assert wait_until(lambda: sub.stats.disconnects >= 2, timeout=15), sub.stats
         assert time.monotonic() - silent_since >= 3.0  # not before 1.5 x keepalive
         assert "nothing from the broker" in sub.stats.last_error
     finally:
@@ -357,7 +350,7 @@ def test_an_unexpected_error_in_the_callback_reconnects_instead_of_ending_the_th
             reconnect_max=1,
         ).start()
         try:
-            assert _wait(lambda: len(calls) == 2, timeout=10), sub.stats
+            assert wait_until(lambda: len(calls) == 2, timeout=10), sub.stats
             assert "RuntimeError: a bug in the fold" in sub.stats.last_error and sub._thread.is_alive()
         finally:
             sub.stop()

@@ -251,7 +251,6 @@ def test_canary_probe_fails_when_the_broker_does_not_enforce_the_policy(mosquitt
     """The probe is not a rubber stamp: an allow-all ACL (what an empty file means) makes it fail."""
     import os
     import signal
-    import time
 
     from security.brokers import get_adapter
     from security.services import policy_desired
@@ -260,8 +259,9 @@ def test_canary_probe_fails_when_the_broker_does_not_enforce_the_policy(mosquitt
     adapter = get_adapter()
     assert adapter.probe(policy).ok
     (mosquitto.dir / "acl").write_text("topic readwrite #\npattern readwrite #\n")
+    log_before = len(mosquitto.log())
     os.kill(int((mosquitto.dir / "mosquitto.pid").read_text()), signal.SIGHUP)
-    time.sleep(0.2)
+    assert mosquitto.wait_for_log("Reloading config", timeout=5, after=log_before), mosquitto.log()[-2000:]
     result = adapter.probe(policy)
     assert result.generation_loaded and result.allowed_delivered
     assert result.forbidden_delivered and not result.ok

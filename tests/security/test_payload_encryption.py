@@ -17,6 +17,8 @@ from security.detection.consumer import Consumer
 from security.models import Alert, AuditEvent, DeviceActivity, PayloadKey
 from tests.factories import DeviceFactory
 from tests.security import test_detection_integration as detection
+from tests.support.detection import ON_CONNECT, fleet, ingested, simulate
+from tests.support.waiting import wait_until
 
 DEVICE_TO_CONSOLE = sealing.DEVICE_TO_CONSOLE
 
@@ -215,7 +217,6 @@ def test_sealed_bytes_from_a_device_without_a_key_are_malformed_and_a_forged_key
 # The worker, broker and fleet helpers are the detection suite's (one definition): its fixtures, used here.
 broker = detection.broker
 detection_worker = detection.detection_worker
-fleet, simulate, wait_for, ON_CONNECT = detection.fleet, detection.simulate, detection.wait_for, detection.ON_CONNECT
 
 
 def keyed_fleet(operator, n, *, hostile=0, required=None):
@@ -257,21 +258,20 @@ def test_sealed_telemetry_is_ingested_and_a_replayed_capture_raises_exactly_payl
         for seq in range(5):
             for client in clients:
                 assert client.publish_telemetry({"temperature": 20.0 + seq})
-        assert wait_for(lambda: all(c.stats["telemetry"] == 5 for c in clients))  # published on the reactor thread
+        assert wait_until(lambda: all(c.stats["telemetry"] == 5 for c in clients))  # published on the reactor thread
         capture = clients[1].last_telemetry
         assert sealing.is_sealed(capture) and b"temperature" not in capture
-        assert wait_for(
+        assert wait_until(
             lambda: all((activity(s.client_id) or DeviceActivity()).telemetry == 5 for s in (honest, replayer))
         )
         assert Device.objects.get(client_id=honest.client_id).last_seen is not None
         # The captured sealed message, re-sent by whoever holds the device's MQTT login: the broker accepts it.
         clients[1].mqtt.publish(clients[1].telemetry_topic, capture, qos=1).wait_for_publish(5)
-        assert wait_for(lambda: kinds(replayer.client_id) == {"payload_replayed"})
+        assert wait_until(lambda: kinds(replayer.client_id) == {"payload_replayed"})
         for client in clients:
             assert client.publish_telemetry({"temperature": 30.0})
-        assert wait_for(lambda: (activity(honest.client_id) or DeviceActivity()).telemetry == 6)
-        assert wait_for(lambda: activity(replayer.client_id).telemetry == 6)  # the replay was not counted
-        time.sleep(1.0)
+        assert wait_until(lambda: (activity(honest.client_id) or DeviceActivity()).telemetry == 6)
+        assert wait_until(lambda: activity(replayer.client_id).telemetry == 6)  # the replay was not counted
     finally:
         for client in clients:
             client.stop()
@@ -292,13 +292,13 @@ def test_hostile_device_replaying_and_tampering_raises_exactly_those_and_honest_
     assert result["hostile_stats"].get("tampered_own_topic", 0) >= 1, result["hostile_stats"]
     assert result["hostile_stats"].get("replayed_own_topic", 0) >= 1, result["hostile_stats"]
     wanted = ON_CONNECT | {"payload_replayed", "payload_tampered"}
-    assert wait_for(lambda: kinds(hostile) >= wanted, timeout=10), kinds(hostile)
-    time.sleep(1.0)
+    assert wait_until(lambda: kinds(hostile) >= wanted, timeout=10), kinds(hostile)
+    assert ingested(specs, result["telemetry"]), "the consumer never recorded the simulation's telemetry"
     assert kinds(hostile) == wanted
     assert Alert.objects.get(client_id=hostile, kind="payload_tampered").evidence["samples"][0]["reason"] == "tampered"
     for spec in specs[1:]:
         assert kinds(spec.client_id) == set()
-        assert wait_for(lambda spec=spec: (activity(spec.client_id) or DeviceActivity()).telemetry >= 5)
+        assert wait_until(lambda spec=spec: (activity(spec.client_id) or DeviceActivity()).telemetry >= 5)
         assert activity(spec.client_id).malformed == 0
 
 
@@ -312,22 +312,28 @@ def test_clear_text_from_a_device_that_must_seal_raises_payload_unencrypted(brok
     )
     clients = [device_client(broker, spec) for spec in (must, may)]  # both forgot their keys: clear text
 
+    rounds = []
+
     def publish_until_alerted():
         # The worker's consumer re-reads changed keys every PAYLOAD_KEYS_REFRESH_SECONDS (10): the flag set just now
         # takes effect within that.
         for client in clients:
             assert client.publish_telemetry({"temperature": 21.0})
+        rounds.append(1)
         return kinds(must.client_id) == {"payload_unencrypted"}
 
     try:
-        assert wait_for(publish_until_alerted, timeout=settings.PAYLOAD_KEYS_REFRESH_SECONDS + 10)
-        time.sleep(0.5)  # publish_telemetry hands over to the reactor thread: let the last ones go out
-        sent = clients[1].stats["telemetry"]
-        assert wait_for(lambda: (activity(may.client_id) or DeviceActivity()).telemetry >= sent)
+        assert wait_until(publish_until_alerted, timeout=settings.PAYLOAD_KEYS_REFRESH_SECONDS + 10, interval=0.1)
+        # publish_telemetry hands over to the reactor thread: wait until the last ones have gone out.
+        assert wait_until(lambda: clients[1].stats["telemetry"] == len(rounds)), clients[1].stats
+        sent = len(rounds)
+        assert wait_until(lambda: (activity(may.client_id) or DeviceActivity()).telemetry >= sent)
         before = (activity(must.client_id) or DeviceActivity()).telemetry
         assert clients[0].publish_telemetry({"temperature": 21.0})
-        assert wait_for(lambda: Alert.objects.get(client_id=must.client_id).occurrences >= 2)
-        time.sleep(1.0)
+        assert wait_until(lambda: Alert.objects.get(client_id=must.client_id).occurrences >= 2)
+        # A later database flush: had the refused message been ingested, it would be counted by now.
+        assert clients[1].publish_telemetry({"temperature": 21.0})
+        assert wait_until(lambda: activity(may.client_id).telemetry >= sent + 1)
     finally:
         for client in clients:
             client.stop()

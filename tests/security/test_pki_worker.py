@@ -12,17 +12,9 @@ from security.pki import services as pki
 from tests.factories import DeviceFactory
 from tests.security.pki_helpers import csr_for, key_pem
 from tests.support.broker import MqttClient, TlsFiles
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def wait_until(predicate, timeout=20.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 @pytest.fixture
@@ -48,9 +40,9 @@ def test_api_revocation_cuts_off_the_live_tls_session_through_the_worker(
     issued = api(operator).post("/api/v1/devices/device-live-cert/certificates/", {"csr": csr}, format="json")
     assert issued.status_code == 201
     change = EnforcementChange.objects.filter(client_id="device-live-cert").latest("id")
-    assert wait_until(lambda: EnforcementChange.objects.get(pk=change.pk).state == "applied"), celery_worker.log()[
-        -3000:
-    ]
+    assert wait_until(lambda: EnforcementChange.objects.get(pk=change.pk).state == "applied", timeout=20.0), (
+        celery_worker.log()[-3000:]
+    )
     files = TlsFiles(
         ca_chain=pki.ca_chain_pem(), cert=issued.json()["certificate"], key=key_pem(key), directory=tmp_path / "tls"
     )

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import time
 
 import pytest
 from django.conf import settings
@@ -14,17 +13,9 @@ from security.models import AuditEvent, BrokerState, EnforcementChange
 from security.tasks import reconcile_broker
 from tests.factories import DeviceFactory
 from tests.support.broker import MqttClient, raw_connect_code
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration]
-
-
-def wait_until(predicate, timeout=20.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def can_connect(port, username, password):
@@ -160,7 +151,7 @@ def test_reconcile_in_sync_changes_nothing(mosquitto, operator):
     reloads = mosquitto.log().count("Reloading config")
     outcome = services.broker_reconcile(trigger="test")
     assert outcome["drift"] == {} and outcome["probe"]["ok"]
-    time.sleep(0.1)
+    # A reload would have been signalled before the probe ran, and the broker logs it before it serves the probe.
     assert mosquitto.log().count("Reloading config") == reloads
     assert services.enforcement_summary()["label"] == "in sync"
 
@@ -175,9 +166,9 @@ def test_worker_applies_an_issued_credential_and_the_device_connects(
     device = DeviceFactory(client_id="device-worker1")
     issued = services.credential_issue(actor=operator, device=device)  # autocommit: the task is enqueued now
     change = issued.change
-    assert wait_until(lambda: EnforcementChange.objects.get(pk=change.pk).state == EnforcementChange.State.APPLIED), (
-        celery_worker.log()[-3000:]
-    )
+    assert wait_until(
+        lambda: EnforcementChange.objects.get(pk=change.pk).state == EnforcementChange.State.APPLIED, timeout=20.0
+    ), celery_worker.log()[-3000:]
     assert can_connect(mosquitto.port, "device-worker1", issued.password)
     assert EnforcementChange.objects.get(pk=change.pk).probe["ok"]
 
@@ -188,21 +179,23 @@ def test_worker_keeps_a_revocation_pending_while_the_broker_is_down_and_applies_
 ):
     device = DeviceFactory(client_id="device-worker2")
     issued = services.credential_issue(actor=operator, device=device)
-    assert wait_until(lambda: EnforcementChange.objects.get(pk=issued.change.pk).state == "applied"), (
+    assert wait_until(lambda: EnforcementChange.objects.get(pk=issued.change.pk).state == "applied", timeout=20.0), (
         celery_worker.log()[-3000:]
     )
     mosquitto.stop()
     services.device_revoke(actor=support, device=device, reason="stolen")
     change = EnforcementChange.objects.get(kind="device.revoke", client_id="device-worker2")
     # The task tries, fails, and retries with backoff; the row records each attempt and stays pending.
-    assert wait_until(lambda: EnforcementChange.objects.get(pk=change.pk).attempts >= 1), celery_worker.log()[-3000:]
+    assert wait_until(lambda: EnforcementChange.objects.get(pk=change.pk).attempts >= 1, timeout=20.0), (
+        celery_worker.log()[-3000:]
+    )
     change.refresh_from_db()
     assert change.state == EnforcementChange.State.PENDING and change.last_error
     mosquitto.start()
     reconcile_broker.delay(trigger="broker-start")
-    assert wait_until(lambda: EnforcementChange.objects.get(pk=change.pk).state == "applied"), celery_worker.log()[
-        -3000:
-    ]
+    assert wait_until(lambda: EnforcementChange.objects.get(pk=change.pk).state == "applied", timeout=20.0), (
+        celery_worker.log()[-3000:]
+    )
     assert not can_connect(mosquitto.port, "device-worker2", issued.password)
 
 
@@ -218,9 +211,9 @@ def test_run_broker_triggers_a_reconcile_once_the_broker_listens(transactional_d
 
     device = DeviceFactory(client_id="device-start")
     issued = services.credential_issue(actor=operator, device=device)  # no broker yet: stays pending
-    assert wait_until(lambda: EnforcementChange.objects.get(pk=issued.change.pk).attempts >= 1), celery_worker.log()[
-        -3000:
-    ]
+    assert wait_until(lambda: EnforcementChange.objects.get(pk=issued.change.pk).attempts >= 1, timeout=20.0), (
+        celery_worker.log()[-3000:]
+    )
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "fleet.settings_test",

@@ -2,7 +2,6 @@
 real Mosquitto: the panel says "revocation pending" and then, without a reload, "verified refused at ..."."""
 
 import os
-import time
 
 import pytest
 
@@ -16,18 +15,10 @@ from security import services  # noqa: E402
 from security.models import DeviceAction, EnforcementChange  # noqa: E402
 from tests.factories import PASSWORD, DeviceFactory, DeviceModelFactory  # noqa: E402
 from tests.support.broker import MqttClient, raw_connect_code  # noqa: E402
+from tests.support.waiting import wait_until
 from tests.test_browser import ARTIFACTS, CHROMIUM_ARGS  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
-
-
-def wait_until(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture
@@ -60,9 +51,9 @@ def test_revoke_from_the_device_page_and_bulk_from_the_list(
     for client_id in ("device-web1", "device-web2", "device-web3"):
         device = DeviceFactory(client_id=client_id, model=model)
         secrets_by_id[client_id] = services.credential_issue(actor=operator, device=device).password
-    assert wait_until(lambda: not EnforcementChange.objects.exclude(state="applied").exists()), celery_worker.log()[
-        -2000:
-    ]
+    assert wait_until(lambda: not EnforcementChange.objects.exclude(state="applied").exists(), timeout=20.0), (
+        celery_worker.log()[-2000:]
+    )
     session = MqttClient(
         mosquitto.port, client_id="device-web1", username="device-web1", password=secrets_by_id["device-web1"]
     )

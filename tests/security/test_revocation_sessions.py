@@ -2,7 +2,6 @@
 purge of its persistent session and retained messages. Real Mosquitto, real worker, real device sessions."""
 
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -16,8 +15,9 @@ from security.brokers.base import files_digest_bytes
 from security.models import AuditEvent, BrokerState, DeviceAction, EnforcementChange
 from security.revocation_sessions import revoked_sessions_purge
 from tests.security import test_revocation as _revocation
-from tests.security.test_revocation import action_state, api, wait_until
+from tests.security.test_revocation import action_state, api
 from tests.support.broker import MqttClient
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,6 +47,8 @@ class PersistentDevice:
                 self.messages.append((message.topic, message.payload))
 
         self.client.on_message = on_message
+        self.subacks = []
+        self.client.on_subscribe = lambda _c, _u, mid, _codes, _p: self.subacks.append(mid)
 
     def connect(self):
         self.client.connect("127.0.0.1", self.port, keepalive=30)
@@ -129,9 +131,10 @@ def test_purge_discards_the_persistent_session_and_clears_retained_messages(
     device, secret = live_device("device-purge1")
     first = PersistentDevice(port, "device-purge1", secret)
     assert first.connect() == (False, 0)
-    first.client.subscribe("rx/device-purge1/#", qos=1)
+    _, subscribed = first.client.subscribe("rx/device-purge1/#", qos=1)
     first.client.publish("tx/device-purge1/status", b'{"firmware": "1.0"}', qos=1, retain=True).wait_for_publish(5)
-    time.sleep(0.2)  # let the SUBACK land before the clean disconnect (paho offers no wait on a subscribe here)
+    # The subscription is part of the persistent session once its SUBACK is back.
+    assert wait_until(lambda: subscribed in first.subacks, timeout=5), "no SUBACK for rx/device-purge1/#"
     first.close()
     # A command queued for the offline device in its persistent session.
     commander = MqttClient(

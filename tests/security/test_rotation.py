@@ -23,6 +23,7 @@ from security.rotation import services as rotation
 from tests.factories import DeviceFactory
 from tests.support.broker import MqttClient, raw_connect_code
 from tests.support.servers import CeleryWorker
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -34,15 +35,6 @@ WORKER_ENV = {
     # The fallback test restores the old password file right after the switch: no margin to wait out.
     "ROTATION_FALLBACK_MARGIN_SECONDS": "0",
 }
-
-
-def wait_until(predicate, timeout=30.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def start_worker(db_name):
@@ -85,9 +77,9 @@ def live(operator, client_id, worker):
     """A device row with a console-issued secret, applied on the broker by the worker."""
     row = DeviceFactory(client_id=client_id)
     issued = services.credential_issue(actor=operator, device=row)
-    assert wait_until(lambda: EnforcementChange.objects.get(pk=issued.change.pk).state == "applied"), worker.log()[
-        -3000:
-    ]
+    assert wait_until(lambda: EnforcementChange.objects.get(pk=issued.change.pk).state == "applied", timeout=30.0), (
+        worker.log()[-3000:]
+    )
     return row, issued.password
 
 
@@ -111,7 +103,7 @@ def test_a_device_keeps_publishing_across_a_rotation_and_its_old_secret_is_refus
     device = devices("device-rot-live", old_secret)
     assert device.wait_connected(10)
     assert device.publish_telemetry({"t": 1.0})
-    assert wait_until(lambda: telemetry_count("device-rot-live") >= 1), worker.log()[-3000:]
+    assert wait_until(lambda: telemetry_count("device-rot-live") >= 1, timeout=30.0), worker.log()[-3000:]
     connects = device.stats["connects"]
 
     started = rotation.rotation_start(actor=operator, device=row)
@@ -125,15 +117,19 @@ def test_a_device_keeps_publishing_across_a_rotation_and_its_old_secret_is_refus
     assert wait_until(lambda: device.stats["connects"] > connects and device.connected, timeout=20), device.stats
     stored = device.store.load()
     assert stored.current.secret != old_secret
-    assert wait_until(lambda: device.store.load().previous is None)  # the broker took the new one
+    assert wait_until(lambda: device.store.load().previous is None, timeout=30.0)  # the broker took the new one
     assert device.stats["fallbacks"] == 0
 
     # Telemetry after the rotation reaches the console.
     before = telemetry_count("device-rot-live")
-    assert wait_until(lambda: device.publish_telemetry({"t": 2.0}) and telemetry_count("device-rot-live") > before)
+    assert wait_until(
+        lambda: device.publish_telemetry({"t": 2.0}) and telemetry_count("device-rot-live") > before, timeout=30.0
+    )
 
     # The reconnect is the proof: the tick completes it.
-    assert wait_until(lambda: rotation.rotations_complete_proven()["completed"] or state_of(started.pk) == "completed")
+    assert wait_until(
+        lambda: rotation.rotations_complete_proven()["completed"] or state_of(started.pk) == "completed", timeout=30.0
+    )
     done = CredentialRotation.objects.get(pk=started.pk)
     assert done.state == "completed" and done.pending_hash == "" and done.attempts == 1
     assert [h["step"] for h in done.history] == ["start", "deliver", "confirm", "switch", "complete"]
@@ -183,7 +179,7 @@ def test_an_offline_device_rotates_when_it_comes_back(broker, operator, devices,
     row, old_secret = live(operator, "device-rot-off", worker)
     started = rotation.rotation_start(actor=operator, device=row)
     # Published to the broker while nobody listens: delivered, not confirmed.
-    assert wait_until(lambda: state_of(started.pk) == "delivered"), worker.log()[-3000:]
+    assert wait_until(lambda: state_of(started.pk) == "delivered", timeout=30.0), worker.log()[-3000:]
     assert CredentialRotation.objects.get(pk=started.pk).history[-1]["device_away"] is True
     assert accepted("device-rot-off", old_secret)  # the old secret still works meanwhile
 
@@ -197,7 +193,9 @@ def test_an_offline_device_rotates_when_it_comes_back(broker, operator, devices,
     done = CredentialRotation.objects.get(pk=started.pk)
     assert done.attempts == 2
     assert wait_until(lambda: device.connected and device.store.load().previous is None, timeout=20), device.stats
-    assert wait_until(lambda: rotation.rotations_complete_proven() and state_of(started.pk) == "completed")
+    assert wait_until(
+        lambda: rotation.rotations_complete_proven() and state_of(started.pk) == "completed", timeout=30.0
+    )
     new_secret = device.store.load().current.secret
     device.stop()
     assert not accepted("device-rot-off", old_secret)
@@ -210,7 +208,7 @@ def test_a_device_that_never_confirms_keeps_its_old_secret_and_raises_an_alert_a
     worker = rotation_worker["worker"]
     row, old_secret = live(operator, "device-rot-silent", worker)
     started = rotation.rotation_start(actor=operator, device=row)
-    assert wait_until(lambda: state_of(started.pk) == "delivered"), worker.log()[-3000:]
+    assert wait_until(lambda: state_of(started.pk) == "delivered", timeout=30.0), worker.log()[-3000:]
     # The grace ends (moved forward instead of waiting 72 hours).
     CredentialRotation.objects.filter(pk=started.pk).update(deadline=started.created)
     outcome = rotation.rotation_tick()
@@ -302,7 +300,9 @@ def test_killing_the_worker_mid_batch_and_restarting_it_completes_the_batch_with
         secrets_by_id[row.client_id] = services.credential_issue(actor=operator, device=row).password
         rows.append(row)
     last = EnforcementChange.objects.order_by("-pk").first()
-    assert wait_until(lambda: EnforcementChange.objects.get(pk=last.pk).state == "applied"), worker.log()[-3000:]
+    assert wait_until(lambda: EnforcementChange.objects.get(pk=last.pk).state == "applied", timeout=30.0), worker.log()[
+        -3000:
+    ]
     fleet = [devices(cid, secret) for cid, secret in secrets_by_id.items()]
     assert wait_until(lambda: all(d.connected for d in fleet), timeout=30)
     # Slow the switches down so the kill lands mid-batch: 10 per minute for this policy.

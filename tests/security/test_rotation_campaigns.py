@@ -447,8 +447,8 @@ from tests.security.test_rotation import (  # noqa: E402  (H2's fixtures: the wo
     roles_present,  # noqa: F401
     rotation_worker,  # noqa: F401
     start_worker,
-    wait_until,
 )
+from tests.support.waiting import wait_until  # noqa: E402
 
 
 @pytest.mark.integration
@@ -474,12 +474,15 @@ def test_a_campaign_survives_a_worker_kill_and_rotates_every_device_exactly_once
         row = DeviceFactory(client_id=f"device-camp-e{i:03d}")
         secrets_by_id[row.client_id] = services.credential_issue(actor=operator, device=row).password
     last = EnforcementChange.objects.order_by("-pk").first()
-    assert wait_until(lambda: EnforcementChange.objects.get(pk=last.pk).state == "applied"), worker.log()[-3000:]
+    assert wait_until(lambda: EnforcementChange.objects.get(pk=last.pk).state == "applied", timeout=30.0), worker.log()[
+        -3000:
+    ]
     fleet_devices = [devices(cid, secret) for cid, secret in secrets_by_id.items()]
     assert wait_until(lambda: all(d.connected for d in fleet_devices), timeout=30)
     # Online as the console sees it (the consumer records the status every device sends on connect).
     assert wait_until(
-        lambda: Device.objects.filter(client_id__startswith="device-camp-e", last_seen__isnull=False).count() == n
+        lambda: Device.objects.filter(client_id__startswith="device-camp-e", last_seen__isnull=False).count() == n,
+        timeout=30.0,
     ), worker.log()[-3000:]
 
     campaign = campaigns.campaign_create(

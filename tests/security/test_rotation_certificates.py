@@ -267,8 +267,8 @@ from tests.security.test_rotation import (  # noqa: E402  (H2's fixtures: the wo
     broker,  # noqa: F401
     roles_present,  # noqa: F401
     rotation_worker,  # noqa: F401
-    wait_until,
 )
+from tests.support.waiting import wait_until  # noqa: E402
 
 
 def _applied(worker) -> None:
@@ -325,7 +325,9 @@ def test_a_tls_device_rotates_its_certificate_keeps_working_and_the_old_one_is_r
         def telemetry():
             return DeviceActivity.objects.filter(client_id=client_id).values_list("telemetry", flat=True).first() or 0
 
-        assert wait_until(lambda: client.publish_telemetry({"t": 1.0}) and telemetry() >= 1), worker.log()[-3000:]
+        assert wait_until(lambda: client.publish_telemetry({"t": 1.0}) and telemetry() >= 1, timeout=30.0), (
+            worker.log()[-3000:]
+        )
 
         rotation = rotation_services.rotation_start(actor=operator, device=device)
         assert rotation.kind == "certificate"

@@ -1,5 +1,6 @@
 """The handover's services at fleet scale (issue 7: 10,000 devices): start, deliver through the real broker with the
-commander identity, confirm a consumer-sized batch of acks, switch. Generous bounds (a shared 2-core machine); the
+commander identity, confirm a consumer-sized batch of acks, switch. `make test` runs it at 2,500 devices, `make soak`
+at 10,000. Generous bounds (a shared 2-core machine); the
 full benchmark with simulated devices is bench/ and docs/benchmarks.md."""
 
 import time
@@ -13,12 +14,19 @@ from security.rotation import policies
 from security.rotation import services as rotation
 from tests.factories import DeviceModelFactory
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db]
-
-N = 10_000
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial, pytest.mark.django_db]
 
 
-def test_ten_thousand_devices_start_deliver_confirm_and_switch_in_seconds(mosquitto, operator, settings):
+@pytest.mark.parametrize(
+    ("N", "bound"),
+    [
+        # make test: two delivery chunks and a partial consumer batch, every step at a size that shows its batching.
+        pytest.param(2_500, 15, id="2500-devices"),
+        # make soak: the issue's fleet size.
+        pytest.param(10_000, 30, id="10000-devices", marks=pytest.mark.soak),
+    ],
+)
+def test_devices_start_deliver_confirm_and_switch_in_seconds(mosquitto, operator, settings, N, bound):
     from devices.models import Device
 
     model = DeviceModelFactory(name="Model-scale")
@@ -63,7 +71,7 @@ def test_ten_thousand_devices_start_deliver_confirm_and_switch_in_seconds(mosqui
         rotation.rotation_switch(rotation_ids=ids[i : i + settings.ROTATION_DELIVER_CHUNK])
     figures["switch"] = time.monotonic() - started
     assert CredentialRotation.objects.filter(state="switched").count() == N
-    assert EnforcementChange.objects.count() - changes_before == N // settings.ROTATION_DELIVER_CHUNK
+    assert EnforcementChange.objects.count() - changes_before == -(-N // settings.ROTATION_DELIVER_CHUNK)
     assert DeviceCredential.objects.exclude(password_hash=stored).count() == N
-    print("rotation services at 10,000 devices (s):", {k: round(v, 2) for k, v in figures.items()})
-    assert sum(figures.values()) < 30, figures  # measured ~10 s in all on this machine
+    print(f"rotation services at {N:,} devices (s):", {k: round(v, 2) for k, v in figures.items()})
+    assert sum(figures.values()) < bound, figures  # measured ~10 s in all at 10,000 on this machine
