@@ -25,7 +25,8 @@ help: ## Show this help
 run: system-deps venv assets ## Install what is missing, migrate, create admin + demo fleet, start everything
 	@bash scripts/run.sh || { rc=$$?; if [ $$rc -eq 130 ] || [ $$rc -eq 143 ]; then echo "Stopped."; else exit $$rc; fi; }
 
-test: system-deps-test venv assets ## Install what the tests need and run the whole suite (every marker but soak)
+test: system-deps-test venv assets ## Install what the tests need, check the import contracts, run the suite (but soak)
+	$(VENV)/bin/lint-imports --no-cache
 	@bash scripts/test.sh $(PYTEST_ARGS)
 
 soak: system-deps-test venv assets ## The long soak and load tests (minutes each; make test runs a short version)
@@ -38,9 +39,10 @@ bench: system-deps venv ## Run the performance benchmarks (bench/)
 		echo "No benchmarks yet: this checkout has no bench/__main__.py (the benchmarks are planned)." >&2; exit 1; \
 	fi
 
-lint: venv ## ruff check and ruff format --check
+lint: venv ## ruff check, ruff format --check, and the import contracts (pyproject.toml, [tool.importlinter])
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: venv ## Reformat the code with ruff
 	$(VENV)/bin/ruff format .
@@ -49,7 +51,7 @@ format: venv ## Reformat the code with ruff
 system-deps: ## Install missing Debian packages: Redis, Mosquitto, Node.js/npm
 	@bash scripts/install-system-deps.sh
 
-system-deps-test: ## ... plus Debian's Chromium for the browser tests
+system-deps-test: ## ... plus Debian's Chromium (browser tests) and RabbitMQ (the cluster adapter's tests)
 	@bash scripts/install-system-deps.sh --test
 
 venv: $(VENV_STAMP) ## Create .venv and install the Python dependencies (again only when pyproject.toml changed)

@@ -134,7 +134,7 @@ def devices_create(start: int, stop: int, *, iterations: int, name, secret, issu
     from django.utils import timezone
 
     from devices.models import Device
-    from security.brokers.render import hash_secret
+    from security.enforcement.secrets import hash_secret
     from security.models import DeviceCredential
 
     issued_at = issued_at or timezone.now()
@@ -405,7 +405,7 @@ def run(*, devices: int, stall_fleet: int, connected: int, reconnect_fleet: int,
     bench_reconnect(cfg, adapter, reconnect_fleet)
     if compare_iterations:
         # The same reconnect with mosquitto_passwd's default cost, to show what the iteration count decides.
-        from security.brokers.render import hash_secret
+        from security.enforcement.secrets import hash_secret
         from security.models import DeviceCredential
 
         for cred in DeviceCredential.objects.select_related("device").filter(

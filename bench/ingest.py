@@ -46,7 +46,7 @@ def ensure_fleet(devices: int) -> None:
     from django.utils import timezone
 
     from devices.models import Device
-    from security.brokers.render import hash_secret
+    from security.enforcement.secrets import hash_secret
     from security.models import DeviceCredential
 
     existing = set(Device.objects.filter(client_id__startswith="device-ing").values_list("client_id", flat=True))
@@ -202,7 +202,7 @@ def _child_bare(replica: int) -> None:
     import paho.mqtt.client as mqtt
     from django.conf import settings
 
-    from security.brokers import consumer_usernames
+    from security.enforcement.state import consumer_usernames
 
     username = consumer_usernames()[replica - 1]
     state = {"count": 0, "first": 0.0, "last": 0.0}
@@ -239,9 +239,9 @@ def _child_lean(replica: int) -> None:
     show how fast the broker delivers to one and to two subscribers on this machine."""
     from django.conf import settings
 
-    from security.brokers import consumer_usernames
     from security.detection.consumer import Consumer
     from security.detection.wire import Subscriber
+    from security.enforcement.state import consumer_usernames
 
     state = {"count": 0, "first": 0.0, "last": 0.0}
 

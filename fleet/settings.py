@@ -396,6 +396,23 @@ MQTT_SESSIONS_PASSWORD = (
     env.str("MQTT_SESSIONS_PASSWORD", default="")
     or __import__("hmac").new(MQTT_PROBE_PASSWORD.encode(), b"fleetkeeper-sessions", "sha256").hexdigest()
 )
+# --- clustered brokers through the HTTP auth hook (docs/broker.md, "Choosing a broker") ---------------------------
+# The broker asks the console at every connect, publish and subscribe; the console answers from the enforcement
+# core. The hook's URLs carry BROKER_HOOK_SECRET: only the brokers know it (and the hook is never published).
+# In production it must be set for the hook to answer at all: without it every request is refused.
+BROKER_HOOK_SECRET = env.str("BROKER_HOOK_SECRET", default="") or (
+    "" if PRODUCTION else dev_secret("BROKER_HOOK_SECRET")
+)
+# RabbitMQ: the management API of every node (any node can drop a session anywhere in the cluster), a management
+# user with the administrator tag and no vhost permission (it cannot connect over MQTT), and the MQTT vhost.
+RABBITMQ_MANAGEMENT_URLS = env.list("RABBITMQ_MANAGEMENT_URLS", default=["http://127.0.0.1:15672"])
+RABBITMQ_MANAGEMENT_USER = env.str("RABBITMQ_MANAGEMENT_USER", default="fleetkeeper")
+RABBITMQ_MANAGEMENT_PASSWORD = env.str("RABBITMQ_MANAGEMENT_PASSWORD", default="") or (
+    "" if PRODUCTION else dev_secret("RABBITMQ_MANAGEMENT_PASSWORD")
+)
+RABBITMQ_VHOST = env.str("RABBITMQ_VHOST", default="/")
+RABBITMQ_MANAGEMENT_TIMEOUT = env.float("RABBITMQ_MANAGEMENT_TIMEOUT", default=3.0)
+
 # After a revocation is verified: discard the device's persistent session (queued messages) on the broker and clear
 # the retained messages on its own channels. On by default; off keeps them (they are unreachable by the device).
 REVOCATION_PURGE_SESSIONS = env.bool("REVOCATION_PURGE_SESSIONS", default=True)

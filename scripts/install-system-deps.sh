@@ -2,7 +2,8 @@
 # Install the Debian/Ubuntu packages Fleetkeeper needs, only those that are missing.
 #
 #   scripts/install-system-deps.sh            what `make run` needs: Redis, Mosquitto (+ clients), Node.js/npm
-#   scripts/install-system-deps.sh --test     ... plus Debian's Chromium for the Playwright browser tests
+#   scripts/install-system-deps.sh --test     ... plus Debian's Chromium for the Playwright browser tests, and
+#                                             RabbitMQ (the HTTP-hook adapter's tests run a real node)
 #   scripts/install-system-deps.sh --postgres ... plus PostgreSQL (CI runs the suite on it too)
 #
 # Uses apt-get (with sudo when not root). Never downloads browsers or binaries from anywhere else:
@@ -16,7 +17,7 @@ for arg in "$@"; do
         --test) want_test=1 ;;
         --postgres) want_postgres=1 ;;
         -h | --help)
-            sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -41,6 +42,8 @@ fi
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "$want_test" = 1 ]; then
     [ -x /usr/bin/chromium ] || missing+=(chromium)
+    # The tests start their own nodes from the package's scripts; Debian's service is not used.
+    compgen -G '/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin/rabbitmq-server' >/dev/null || missing+=(rabbitmq-server)
     # Fonts so that screenshots of pages show text.
     [ -d /usr/share/fonts/truetype/dejavu ] || missing+=(fonts-dejavu-core)
 fi

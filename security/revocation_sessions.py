@@ -28,13 +28,14 @@ from django.db.models import Max, Min, Q
 from django.utils import timezone
 
 from devices.models import Device
+from security.enforcement.secrets import hash_secret
 
 from . import services, topics
 from .audit import audit_context, audit_record
 from .brokers import get_adapter
 from .brokers.base import BrokerUnavailable, files_digest_bytes
 from .brokers.files import derive_policy
-from .brokers.render import SESSIONS_USERNAME, hash_secret
+from .brokers.render import SESSIONS_USERNAME
 from .brokers.sessions import SessionWatcher, purge_device_session
 from .models import BrokerState, DeviceAction, EnforcementChange
 

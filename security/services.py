@@ -25,11 +25,12 @@ from django.db.models import Max
 from django.utils import timezone
 
 from devices.models import Device
+from security.enforcement.secrets import hash_secret
 
 from .audit import audit_record, current_context
 from .brokers import broker_config, console_identities, get_adapter
 from .brokers.base import ApplyResult, BrokerRejected, BrokerUnavailable
-from .brokers.render import DeviceRow, RenderedPolicy, hash_secret, passwd_drift, policy_render
+from .brokers.render import DeviceRow, RenderedPolicy, passwd_drift, policy_render
 from .models import BrokerState, DeviceCredential, EnforcementChange
 from .permissions import require
 from .pki.services import device_certificates_revoke

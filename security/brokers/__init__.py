@@ -9,6 +9,8 @@ import os
 from django.conf import settings
 from django.utils.module_loading import import_string
 
+from security.enforcement.state import consumer_usernames
+
 from .base import BrokerAdapter, BrokerError, BrokerRejected, BrokerUnavailable  # noqa: F401
 from .render import COMMANDER, CONSUMER, MONITOR, PROBE, SESSIONS, SESSIONS_USERNAME, BrokerConfig, ConsoleIdentity
 
@@ -55,12 +57,6 @@ def broker_config(*, with_tls: bool = True) -> BrokerConfig:
         if settings.DETECTION_DENIED_PUBLISHES
         else "",
     )
-
-
-def consumer_usernames() -> list[str]:
-    """One username per consumer replica: use_username_as_clientid makes a username one session."""
-    base = settings.MQTT_CONSUMER_USERNAME
-    return [base] + [f"{base}-{n}" for n in range(2, settings.MQTT_CONSUMER_REPLICAS + 1)]
 
 
 def console_identities() -> list[ConsoleIdentity]:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from security.enforcement.secrets import hash_secret
+
 from .base import (
     BrokerAdapter,
     BrokerProcess,
@@ -33,7 +35,6 @@ from .render import (
     PolicyError,
     RenderedPolicy,
     _stable_salt,
-    hash_secret,
     parse_passwd,
     probe_generation_password,
     validate_acl,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from .render import device_grants, redact_passwd
+from security.enforcement.policy import device_grants
+
+from .render import redact_passwd
 
 OUTBOX_RECENT = 25
 PASSWD_PREVIEW_LINES = 200

@@ -7,28 +7,22 @@ rendering serves the adapter, the policy page and the benchmark. See docs/broker
 
 from __future__ import annotations
 
-import base64
 import difflib
 import hashlib
 import hmac
 import re
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from security import topics
+from security.enforcement.policy import ENFORCED_STATUSES, QUARANTINED
+from security.enforcement.secrets import PASSWORD_HASH_RE, SALT_BYTES, SecretHashError, hash_secret, parse_hash
 
-# Mosquitto 2.x password line: username:$7$<iterations>$<b64 12-byte salt>$<b64 64-byte PBKDF2-HMAC-SHA512>.
-SALT_BYTES = 12
-HASH_BYTES = 64
-_B64 = r"[A-Za-z0-9+/]+={0,2}"
-PASSWORD_HASH_RE = re.compile(rf"^\$7\$(?P<iterations>[1-9][0-9]{{0,8}})\$(?P<salt>{_B64})\$(?P<hash>{_B64})$")
+# Mosquitto 2.x password line: username:<the stored hash> (security/enforcement/secrets.py has its form).
 # A username that may appear in the password file: no separator, no wildcard, no '$', no whitespace.
 USERNAME_RE = re.compile(r"^[^:#+/$\s\x00]{1,128}$")
 
-ACTIVE, QUARANTINED = "active", "quarantined"
-ENFORCED_STATUSES = (ACTIVE, QUARANTINED)  # revoked and decommissioned devices have no line at all
 
 CONSUMER, MONITOR, PROBE = "consumer", "monitor", "probe"
 COMMANDER = "commander"  # sends commands to devices (credential rotation, docs/rotation.md)
@@ -48,37 +42,6 @@ class PolicyError(ValueError):
 
 
 # --- hashes ---------------------------------------------------------------------------------------------
-
-
-def hash_secret(secret: str, *, iterations: int, salt: bytes | None = None) -> str:
-    """Mosquitto's PBKDF2-SHA512 form of ``secret``: what the console stores and the broker checks."""
-    if iterations < 1:
-        raise ValueError("iterations must be at least 1")
-    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
-    if len(salt) != SALT_BYTES:
-        raise ValueError(f"Mosquitto requires a {SALT_BYTES}-byte salt")
-    digest = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, iterations, HASH_BYTES)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def parse_hash(stored: str) -> tuple[int, bytes, bytes]:
-    match = PASSWORD_HASH_RE.match(stored)
-    if not match:
-        raise PolicyError("not a Mosquitto $7$ password hash")
-    try:
-        salt = base64.b64decode(match["salt"], validate=True)
-        digest = base64.b64decode(match["hash"], validate=True)
-    except ValueError as exc:
-        raise PolicyError("bad base64 in a password hash") from exc
-    if len(salt) != SALT_BYTES or len(digest) != HASH_BYTES:
-        raise PolicyError(f"a password hash needs a {SALT_BYTES}-byte salt and a {HASH_BYTES}-byte digest")
-    return int(match["iterations"]), salt, digest
-
-
-def verify_secret(secret: str, stored: str) -> bool:
-    iterations, salt, digest = parse_hash(stored)
-    candidate = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, iterations, HASH_BYTES)
-    return hmac.compare_digest(candidate, digest)
 
 
 def _stable_salt(username: str, secret: str) -> bytes:
@@ -201,18 +164,6 @@ class RenderedPolicy:
 
     def files(self) -> dict[str, str]:
         return {"mosquitto.conf": self.config, "passwd": self.passwd, "acl": self.acl}
-
-
-def device_grants(client_id: str, status: str, *, rx_prefix: str, tx_prefix: str) -> dict[str, list[str]]:
-    """What one device may do on the broker, in words for the policy page: the same rule the ACL encodes."""
-    if status not in ENFORCED_STATUSES:
-        return {"publish": [], "subscribe": []}
-    tx = topics.TX_CHANNELS if status == ACTIVE else topics.REPAIR_TX_CHANNELS
-    rx = topics.RX_CHANNELS if status == ACTIVE else topics.REPAIR_RX_CHANNELS
-    return {
-        "publish": [f"{tx_prefix}/{client_id}/{c}" for c in tx],
-        "subscribe": [f"{rx_prefix}/{client_id}/{c}" for c in rx],
-    }
 
 
 def render_acl(
@@ -470,7 +421,10 @@ def parse_passwd(text: str) -> dict[str, str]:
             username = line.partition(":")[0]
             if not USERNAME_RE.match(username):
                 raise PolicyError(f"password file line {number}: bad username")
-            parse_hash(line.partition(":")[2])  # raises with the precise reason
+            try:
+                parse_hash(line.partition(":")[2])
+            except SecretHashError as exc:  # the precise reason
+                raise PolicyError(f"password file line {number}: {exc}") from exc
             raise PolicyError(f"password file line {number}: not a Mosquitto $7$ line")
         username, stored = match.groups()
         if username in users:

@@ -242,7 +242,7 @@ def alert_resolve(*, actor, alert: Alert, comment: str = "") -> Alert:
 def alert_auto_respond(*, alert_id: int) -> str:
     """The optional automatic response: quarantine the device of a critical alert whose kind is listed in
     DETECTION_AUTO_QUARANTINE_KINDS. Runs as a service (audited as such); recorded on the alert."""
-    from security.services import device_quarantine
+    from security.revocation import device_action_request
 
     alert = Alert.objects.select_related("device").get(pk=alert_id)
     if alert.kind not in settings.DETECTION_AUTO_QUARANTINE_KINDS or alert.severity != Alert.Severity.CRITICAL:
@@ -251,7 +251,14 @@ def alert_auto_respond(*, alert_id: int) -> str:
         return "no device to quarantine"
     if alert.device.status != Device.Status.ACTIVE:
         return f"device is {alert.device.status}"
-    device_quarantine(actor=None, device=alert.device, reason=f"automatic response to alert #{alert.pk} ({alert.kind})")
+    # The same path as a person's one click: a DeviceAction that the verifier proves and the session purge follows.
+    device_action_request(
+        actor=None,
+        device=alert.device,
+        action="quarantine",
+        reason=f"automatic response to alert #{alert.pk} ({alert.kind})",
+        alert_id=alert.pk,
+    )
     Alert.objects.filter(pk=alert.pk).update(
         response={**alert.response, "quarantined_at": timezone.now().isoformat(), "action": "quarantine"}
     )

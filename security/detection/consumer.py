@@ -35,7 +35,7 @@ from django.db import close_old_connections, connection
 
 from fleetkeeper_device import protocol
 from security import topics
-from security.brokers import consumer_usernames
+from security.enforcement.state import consumer_usernames
 
 from . import baseline, payloads, wire
 

@@ -23,7 +23,7 @@ from django.conf import settings
 
 from devices.models import Device
 from security import topics
-from security.brokers import consumer_usernames
+from security.enforcement.state import consumer_usernames
 from security.revocation_sessions import purge_expected
 
 from . import rules

@@ -19,7 +19,7 @@ from django.utils import timezone
 from fleetkeeper_device import protocol
 from security import topics
 from security.audit import audit_context, audit_record_many
-from security.brokers.render import hash_secret
+from security.enforcement.secrets import hash_secret
 from security.models import (
     CredentialRotation,
     DeviceCredential,

@@ -98,8 +98,8 @@ def rotations_complete_proven(*, now: datetime | None = None) -> dict:
 def rotations_expire(*, now: datetime | None = None) -> dict:
     """Pending or delivered rotations past their deadline fail. The policy decides what happens to the device:
     keep_alert (default) keeps the old credential, which the broker never stopped accepting, and raises
-    rotation_unconfirmed; revoke revokes the device (security.services.device_revoke)."""
-    from security.services import device_revoke
+    rotation_unconfirmed; revoke revokes the device through the revocation service (a verified DeviceAction)."""
+    from security.revocation import device_action_request
 
     now = now or timezone.now()
     counts = {"failed": 0, "revoked": 0}
@@ -130,9 +130,10 @@ def rotations_expire(*, now: datetime | None = None) -> dict:
                 revoke = row.policy is not None and row.policy.on_unconfirmed == RotationPolicy.OnUnconfirmed.REVOKE
                 device = row.device
                 if revoke and device is not None and device.status in ROTATABLE_STATUSES:
-                    device_revoke(
+                    device_action_request(
                         actor=None,
                         device=device,
+                        action="revoke",
                         reason=f"credential rotation #{row.pk} not confirmed within {row.policy.grace_hours} h "
                         f"(policy {row.policy.name})",
                     )

@@ -19,7 +19,7 @@ from devices.models import Device
 from security.audit import audit_context
 from security.detection import notify
 from security.detection.alerts import alert_acknowledge, alert_auto_respond, alert_raise, alert_resolve
-from security.models import Alert, AuditEvent
+from security.models import Alert, AuditEvent, DeviceAction
 from tests.factories import DeviceFactory
 
 pytestmark = pytest.mark.django_db
@@ -223,6 +223,12 @@ def test_automatic_quarantine_only_when_configured_and_always_audited():
     assert AuditEvent.objects.filter(action="alert.auto_response").exists()
     alert.refresh_from_db()
     assert alert.response["action"] == "quarantine"
+    # The one path for every status change: the same pending, verifiable DeviceAction a person's click creates,
+    # linked to the alert that caused it.
+    action = DeviceAction.objects.get(client_id=device.client_id)
+    assert (action.action, action.state, action.alert_id) == ("quarantine", "pending", alert.pk)
+    assert action.change is not None and action.change.kind == "device.quarantine"
+    assert action.requested_by_label == "service:detection-response"
 
 
 def test_a_credential_on_the_broker_the_console_did_not_issue_becomes_a_critical_alert(mosquitto, operator):
@@ -230,7 +236,7 @@ def test_a_credential_on_the_broker_the_console_did_not_issue_becomes_a_critical
     import signal
 
     from security import services
-    from security.brokers.render import hash_secret
+    from security.enforcement.secrets import hash_secret
 
     device = DeviceFactory(client_id="device-owned")
     services.credential_issue(actor=operator, device=device)

@@ -10,16 +10,8 @@ import pytest
 from devices.models import Device
 from security.brokers import broker_config, console_identities, get_adapter
 from security.brokers.base import BrokerRejected
-from security.brokers.render import (
-    DeviceRow,
-    PolicyError,
-    hash_secret,
-    parse_passwd,
-    policy_render,
-    validate,
-    validate_acl,
-    verify_secret,
-)
+from security.brokers.render import DeviceRow, PolicyError, parse_passwd, policy_render, validate, validate_acl
+from security.enforcement.secrets import hash_secret, verify_secret
 from security.models import DeviceCredential
 from security.services import policy_desired
 from tests.support.broker import MosquittoServer, raw_connect_code

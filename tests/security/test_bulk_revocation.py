@@ -9,7 +9,7 @@ from rest_framework.test import APIClient
 from bench.mqtt_raw import close_all, connect_many, count_closed
 from devices.models import Device
 from security import revocation, services
-from security.brokers.render import hash_secret
+from security.enforcement.secrets import hash_secret
 from security.models import AuditEvent, BulkAction, DeviceAction, DeviceCredential
 from tests.factories import DeviceFactory, DeviceGroupFactory, DeviceModelFactory
 from tests.support.waiting import wait_until

@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 from devices.models import Device
 from devices.services import device_create
 from security import services
-from security.brokers.render import parse_hash, verify_secret
+from security.enforcement.secrets import parse_hash, verify_secret
 from security.models import AuditEvent, DeviceCredential, EnforcementChange
 from tests.factories import DeviceFactory
 

@@ -7,7 +7,7 @@ import pytest
 from django.conf import settings
 
 from security import services
-from security.brokers.render import hash_secret
+from security.enforcement.secrets import hash_secret
 from security.models import DeviceCredential
 from tests.factories import DeviceFactory
 from tests.support.broker import ConsoleClients, MqttClient, raw_connect_code

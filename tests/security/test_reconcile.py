@@ -8,7 +8,7 @@ from django.conf import settings
 
 from security import services
 from security.brokers.base import BrokerUnavailable
-from security.brokers.render import hash_secret
+from security.enforcement.secrets import hash_secret
 from security.models import AuditEvent, BrokerState, EnforcementChange
 from security.tasks import reconcile_broker
 from tests.factories import DeviceFactory

@@ -211,7 +211,7 @@ def test_purge_lines_left_by_a_crash_are_removed_by_the_reconcile(live_device, m
     """A console that dies between adding the one-time line and removing it: the database never renders the line,
     so the next reconcile takes it out (and the secret died with the process)."""
     from security.brokers.files import derive_policy
-    from security.brokers.render import hash_secret
+    from security.enforcement.secrets import hash_secret
 
     live_device("device-purge3")
     response = api(support).post("/api/v1/devices/device-purge3/revoke/", {"reason": "stolen"}, format="json")

@@ -17,7 +17,7 @@ from devices.models import Device
 from fleetkeeper_device import Credential, CredentialSet, MemoryCredentialStore, protocol
 from security import services, topics
 from security.brokers import get_adapter
-from security.brokers.render import verify_secret
+from security.enforcement.secrets import verify_secret
 from security.models import Alert, AuditEvent, CredentialRotation, DeviceActivity, DeviceCredential, EnforcementChange
 from security.rotation import services as rotation
 from tests.factories import DeviceFactory

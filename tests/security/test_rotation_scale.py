@@ -8,7 +8,7 @@ import time
 import pytest
 from django.utils import timezone
 
-from security.brokers.render import hash_secret
+from security.enforcement.secrets import hash_secret
 from security.models import CredentialRotation, DeviceCredential, EnforcementChange
 from security.rotation import policies
 from security.rotation import services as rotation

@@ -16,11 +16,12 @@ from devices.models import Device
 from fleetkeeper_device import protocol
 from security import services
 from security.audit import audit_context
-from security.brokers.render import verify_secret
+from security.enforcement.secrets import verify_secret
 from security.models import (
     Alert,
     AuditEvent,
     CredentialRotation,
+    DeviceAction,
     DeviceActivity,
     DeviceCertificate,
     DeviceCredential,
@@ -448,6 +449,10 @@ def test_past_the_grace_keep_alert_keeps_the_old_secret_and_revoke_revokes(opera
     assert Device.objects.get(pk=keep.device_id).status == "active"
     assert Device.objects.get(pk=device.pk).status == "revoked"
     assert Alert.objects.filter(kind="rotation_unconfirmed").count() == 2
+    # Revoked through the one path for every status change: a pending DeviceAction the verifier will prove.
+    action = DeviceAction.objects.get(client_id="device-rg2")
+    assert (action.action, action.state) == ("revoke", "pending") and action.change.kind == "device.revoke"
+    assert "not confirmed" in action.reason and not DeviceAction.objects.filter(client_id="device-rg1").exists()
 
 
 def test_due_lists_stalled_deliveries_resends_and_unswitched_confirmations(operator, publisher):

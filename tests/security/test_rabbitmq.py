@@ -1,0 +1,177 @@
+"""The broker attack cases against a real two-node RabbitMQ cluster whose HTTP auth backend asks the console's hook
+(the enforcement core's answers, security/brokers/rabbitmq.py), and revocation by the management API's kick, asked
+of one node for a device connected to the other. Clients connect to node A unless a test says otherwise."""
+
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+from django.conf import settings
+
+from devices.models import Device
+from security import services
+from security.brokers import rabbitmq
+from tests.factories import DeviceFactory
+from tests.support.broker import MqttClient
+from tests.support.rabbitmq import RabbitCluster
+from tests.support.waiting import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+MANAGEMENT_USER = "fleetkeeper-test"
+MANAGEMENT_PASSWORD = uuid.uuid4().hex
+
+
+@pytest.fixture(scope="module")
+def cluster(live_server):
+    cluster = RabbitCluster(
+        2,
+        hook_url=f"{live_server.url}/broker-hook/rabbitmq/{settings.BROKER_HOOK_SECRET}",
+        management_user=MANAGEMENT_USER,
+        management_password=MANAGEMENT_PASSWORD,
+    ).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def broker(cluster, settings):
+    """Node A, with ``client(...)`` to make MQTT 3.1.1 clients (``node=1`` for node B) closed after the test. The
+    console knows node A's management API only."""
+    node_a = cluster.nodes[0]
+    settings.RABBITMQ_MANAGEMENT_URLS = [node_a.management_url]
+    settings.RABBITMQ_MANAGEMENT_USER = MANAGEMENT_USER
+    settings.RABBITMQ_MANAGEMENT_PASSWORD = MANAGEMENT_PASSWORD
+    clients = []
+
+    def client(client_id, username=None, password=None, node=0):
+        made = MqttClient(
+            cluster.nodes[node].mqtt_port,
+            client_id=client_id,
+            username=username,
+            password=password,
+            protocol=mqtt.MQTTv311,
+        )
+        clients.append(made)
+        return made
+
+    node_a.client = client
+    yield node_a
+    for made in clients:
+        made.close()
+
+
+def device_with_secret(operator, client_id):
+    row = DeviceFactory(client_id=client_id)
+    return row, services.credential_issue(actor=operator, device=row).password
+
+
+def consumer(broker, *filters):
+    reader = broker.client(
+        settings.MQTT_CONSUMER_USERNAME, settings.MQTT_CONSUMER_USERNAME, settings.MQTT_CONSUMER_PASSWORD
+    )
+    assert reader.connect() == 0
+    assert reader.subscribe(*filters) == [1] * len(filters)
+    return reader
+
+
+def test_a_device_on_node_b_publishes_and_the_consumer_on_node_a_receives(broker, operator):
+    _, secret = device_with_secret(operator, "device-rq-1")
+    reader = consumer(broker, "tx/+/telemetry")
+    device = broker.client("device-rq-1", "device-rq-1", secret, node=1)
+    assert device.connect() == 0
+    assert device.subscribe("rx/device-rq-1/#") == [1]
+    nonce = uuid.uuid4().hex
+    device.publish("tx/device-rq-1/telemetry", nonce)
+    assert reader.wait_for(lambda ms: any(m.payload == nonce.encode() for m in ms), timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("client_id", "username", "password"),
+    [
+        ("anon-1", None, None),  # anonymous
+        ("device-rq-2", "device-rq-2", "not-the-secret"),
+        ("device-nobody", "device-nobody", "guess"),  # unknown username
+        ("intruder-1", "intruder-1", "guess"),  # outside the prefix rule
+        ("device-rq-other", "device-rq-2", "{secret}"),  # the right secret with another client id
+        ("device-rq-2", "#", "guess"),  # username "#"
+    ],
+)
+def test_logins_the_core_refuses_are_refused_by_the_broker(broker, operator, client_id, username, password):
+    _, secret = device_with_secret(operator, "device-rq-2")
+    client = broker.client(client_id, username, password.format(secret=secret) if password else None)
+    assert client.connect() != 0
+
+
+def test_a_device_cannot_publish_on_or_read_another_devices_topics(broker, operator):
+    _, secret_a = device_with_secret(operator, "device-rq-a")
+    _, secret_b = device_with_secret(operator, "device-rq-b")
+    reader = consumer(broker, "tx/+/telemetry")
+    b = broker.client("device-rq-b", "device-rq-b", secret_b)
+    assert b.connect() == 0 and b.subscribe("rx/device-rq-b/#") == [1]
+    a = broker.client("device-rq-a", "device-rq-a", secret_a)
+    assert a.connect() == 0
+    nonce = uuid.uuid4().hex
+    a.client.publish("tx/device-rq-b/telemetry", f"forged {nonce}", qos=1)  # no PUBACK comes: do not wait for it
+    assert a.wait_disconnected(5), "a publish on another device's topic must end the connection"
+    a2 = broker.client("device-rq-a", "device-rq-a", secret_a)
+    assert a2.connect() == 0
+    a2.client.subscribe("rx/device-rq-b/#", qos=1)  # no SUBACK comes: do not wait for it
+    assert a2.wait_disconnected(5), "a subscription to another device's topics must end the connection"
+    # What b publishes afterwards reaches the console, and the forged message never did.
+    b.publish("tx/device-rq-b/telemetry", f"real {nonce}")
+    assert reader.wait_for(lambda ms: any(m.payload == f"real {nonce}".encode() for m in ms), timeout=5)
+    assert f"forged {nonce}".encode() not in reader.payloads()
+
+
+@pytest.mark.parametrize("topic_filter", ["#", "+/#", "$SYS/#", "rx/+/command"])
+def test_wildcard_subscriptions_end_the_connection_and_deliver_nothing(broker, operator, topic_filter):
+    _, secret = device_with_secret(operator, "device-rq-w")
+    _, other = device_with_secret(operator, "device-rq-v")
+    victim = broker.client("device-rq-v", "device-rq-v", other)
+    assert victim.connect() == 0
+    attacker = broker.client("device-rq-w", "device-rq-w", secret)
+    assert attacker.connect() == 0
+    attacker.client.subscribe(topic_filter, qos=1)  # no SUBACK comes: do not wait for it
+    assert attacker.wait_disconnected(5)
+    victim.publish("tx/device-rq-v/telemetry", "private")
+    assert not attacker.wait_for(lambda ms: ms, timeout=0.5)
+
+
+def test_revocation_is_a_deny_then_a_kick_and_the_device_cannot_come_back_on_any_node(broker, operator, support):
+    row, secret = device_with_secret(operator, "device-rq-r")
+    session = broker.client("device-rq-r", "device-rq-r", secret, node=1)  # connected to node B
+    assert session.connect() == 0
+    services.device_revoke(actor=support, device=Device.objects.get(pk=row.pk), reason="stolen")
+    # A deny does not end a session that is open: the management API does, asked of node A, wherever it is connected.
+    started = time.monotonic()
+    assert rabbitmq.disconnect(["device-rq-r"]) == {"device-rq-r": "dropped"}
+    assert session.wait_disconnected(5)
+    print(f"kick to disconnect: {(time.monotonic() - started) * 1000:.1f} ms")
+    for node in (0, 1):
+        assert broker.client("device-rq-r", "device-rq-r", secret, node=node).connect() != 0
+    assert rabbitmq.disconnect(["device-rq-r"])["device-rq-r"] in ("not connected", "dropped")
+
+
+def test_quarantine_after_the_kick_keeps_exactly_the_repair_path(broker, operator, support):
+    row, secret = device_with_secret(operator, "device-rq-q")
+    reader = consumer(broker, "tx/+/ack", "tx/+/telemetry")
+    services.device_quarantine(actor=support, device=Device.objects.get(pk=row.pk), reason="odd traffic")
+    device = broker.client("device-rq-q", "device-rq-q", secret)
+    assert device.connect() == 0
+    assert device.subscribe("rx/device-rq-q/#") == [1]  # it still receives its repair channels
+    nonce = uuid.uuid4().hex
+    device.publish("tx/device-rq-q/ack", f"ack {nonce}")
+    assert reader.wait_for(lambda ms: any(m.payload == f"ack {nonce}".encode() for m in ms), timeout=5)
+    device.client.publish("tx/device-rq-q/telemetry", f"telemetry {nonce}", qos=1)  # no PUBACK comes
+    assert device.wait_disconnected(5), "telemetry from a quarantined device must end its connection"
+    assert f"telemetry {nonce}".encode() not in reader.payloads()
+
+
+def test_the_hooks_denials_are_counted_by_reason(broker, operator):
+    _, secret = device_with_secret(operator, "device-rq-c")
+    before = rabbitmq.denials["bad_secret"]
+    client = broker.client("device-rq-c", "device-rq-c", "wrong")
+    assert client.connect() != 0
+    assert wait_until(lambda: rabbitmq.denials["bad_secret"] > before, timeout=5)

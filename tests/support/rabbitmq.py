@@ -1,0 +1,183 @@
+"""A real RabbitMQ node for tests (Debian's rabbitmq-server 3.10 with rabbitmq_mqtt, rabbitmq_auth_backend_http and
+rabbitmq_management), on free 127.0.0.1 ports, in a directory of its own, with its own Erlang port mapper; its
+HTTP auth backend points at the console's hook. Stopped (node and port mapper) by ``stop()``.
+
+Runs the node's own scripts (not Debian's wrapper, which switches to the `rabbitmq` user), as whoever runs the
+tests; HOME is the node's directory, so the Erlang cookie is the node's own too."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+from .servers import free_port, wait_for_port
+
+PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_backend_http", "rabbitmq_management")
+
+
+def rabbitmq_sbin() -> Path:
+    found = sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))
+    if not found:
+        raise RuntimeError("rabbitmq-server is not installed: run `make test`, which installs it")
+    return Path(found[-1])
+
+
+class RabbitNode:
+    def __init__(
+        self,
+        *,
+        hook_url: str,
+        management_user: str,
+        management_password: str,
+        epmd_port: int | None = None,
+        cookie: str | None = None,
+    ):
+        """``hook_url``: the console's hook up to the check name, e.g. http://127.0.0.1:8000/broker-hook/rabbitmq/<s>.
+        Nodes of one cluster share ``epmd_port`` and ``cookie`` (``RabbitCluster`` sees to it)."""
+        self.dir = Path(tempfile.mkdtemp(prefix="fleetkeeper-rabbitmq-"))
+        self.name = f"fk-{uuid.uuid4().hex[:8]}@localhost"
+        self.hook_url = hook_url.rstrip("/")
+        self.management_user, self.management_password = management_user, management_password
+        self.amqp_port, self.mqtt_port, self.management_port, self.dist_port = (free_port() for _ in range(4))
+        self.epmd_port = epmd_port or free_port()
+        self.cookie = cookie or uuid.uuid4().hex
+        self.proc: subprocess.Popen | None = None
+        self.sbin = rabbitmq_sbin()
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.management_port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "HOME": str(self.dir / "home"),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.amqp_port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_PID_FILE": str(self.dir / "node.pid"),
+        }
+
+    def _write_config(self) -> None:
+        for sub in ("home", "mnesia", "log"):
+            (self.dir / sub).mkdir(exist_ok=True)
+        cookie = self.dir / "home" / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(self.cookie)
+            cookie.chmod(0o400)
+        checks = "\n".join(
+            f"auth_http.{check}_path = {self.hook_url}/{check}" for check in ("user", "vhost", "resource", "topic")
+        )
+        (self.dir / "rabbitmq.conf").write_text(
+            f"""listeners.tcp.default = 127.0.0.1:{self.amqp_port}
+management.tcp.ip = 127.0.0.1
+management.tcp.port = {self.management_port}
+mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}
+mqtt.allow_anonymous = false
+mqtt.vhost = /
+# The console's management user lives in the internal store (it has no vhost permission: it cannot use MQTT);
+# every other login is the hook's to decide.
+auth_backends.1 = internal
+auth_backends.2 = http
+auth_http.http_method = post
+{checks}
+loopback_users = none
+max_message_size = 65536
+log.console = false
+log.file.level = info
+"""
+        )
+        (self.dir / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        result = subprocess.run(
+            [str(self.sbin / "rabbitmqctl"), "-q", "-n", self.name, *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr or result.stdout}")
+        return result.stdout
+
+    def start(self, timeout: float = 90.0) -> RabbitNode:
+        self._write_config()
+        self._out = (self.dir / "server.out").open("a")
+        self.proc = subprocess.Popen(
+            [str(self.sbin / "rabbitmq-server")], env=self.env(), stdout=self._out, stderr=subprocess.STDOUT
+        )
+        self.ctl("wait", "--timeout", str(int(timeout)), str(self.dir / "node.pid"), timeout=timeout + 10)
+        self.ctl("await_startup", timeout=timeout)
+        users = self.ctl("list_users")
+        if "guest" in users:
+            self.ctl("delete_user", "guest")  # a fresh node's administrator with a known password
+        if self.management_user not in users:
+            self.ctl("add_user", self.management_user, self.management_password)
+            self.ctl("set_user_tags", self.management_user, "administrator")
+        wait_for_port(self.mqtt_port, timeout=30, proc=self.proc)
+        wait_for_port(self.management_port, timeout=30, proc=self.proc)
+        return self
+
+    def join(self, other: RabbitNode) -> None:
+        """Make this (running, empty) node a member of ``other``'s cluster."""
+        self.ctl("stop_app")
+        self.ctl("join_cluster", other.name)
+        self.ctl("start_app")
+        self.ctl("await_startup")
+
+    def log(self) -> str:
+        logs = sorted((self.dir / "log").glob("*.log"))
+        return "".join(path.read_text(errors="replace") for path in logs)
+
+    def stop(self, *, keep_dir: bool = False, keep_epmd: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.ctl("stop", timeout=60)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        epmd = shutil.which("epmd") or next(iter(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")), None)
+        if epmd and not keep_dir and not keep_epmd:
+            subprocess.run([epmd, "-port", str(self.epmd_port), "-kill"], capture_output=True, timeout=10)
+        if not keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RabbitCluster:
+    """Nodes on one host, each with its own ports and directory, one Erlang cookie and port mapper, joined into one
+    cluster (../shared/rabbitmq-notes.md: how two nodes run on one host)."""
+
+    def __init__(self, size: int, **node_kwargs):
+        epmd_port, cookie = free_port(), uuid.uuid4().hex
+        self.nodes = [RabbitNode(epmd_port=epmd_port, cookie=cookie, **node_kwargs) for _ in range(size)]
+
+    def start(self) -> RabbitCluster:
+        first, *others = self.nodes
+        first.start()
+        for node in others:
+            node.start()
+            node.join(first)
+        return self
+
+    def stop(self) -> None:
+        # The port mapper is shared: the last node to stop takes it down.
+        for node in reversed(self.nodes[1:]):
+            node.stop(keep_epmd=True)
+        self.nodes[0].stop()
