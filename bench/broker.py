@@ -103,7 +103,7 @@ class Broker:
 
 def wait_for_login(cfg, username: str, password: str, timeout: float = 30.0) -> float:
     """Seconds until this credential is accepted (it is the last line of the file: the file has been loaded)."""
-    from security.brokers.files import connect_code
+    from security.brokers.mqtt_client import connect_code
 
     started = time.monotonic()
     while time.monotonic() - started < timeout:

@@ -29,7 +29,8 @@ from . import services, topics
 from .audit import actor_label, audit_context, audit_record, current_context
 from .brokers import get_adapter
 from .brokers.base import files_digest_bytes
-from .brokers.files import connect_code, derive_policy
+from .brokers.files import derive_policy
+from .brokers.mqtt_client import connect_code
 from .brokers.render import probe_generation_password
 from .brokers.sessions import SessionWatcher, connect_code_from
 from .models import BulkAction, DeviceAction, DeviceCredential, EnforcementChange

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import selectors
 import signal
 import tempfile
 import time
@@ -29,6 +28,7 @@ from .base import (
     ProbeResult,
     files_digest_bytes,
 )
+from .mqtt_client import connect_code, connected_client, loop_until, mqtt_close, mqtt_step
 from .render import (
     TLS_KEY_FILE,
     BrokerConfig,
@@ -290,7 +290,7 @@ class MosquittoFiles(BrokerAdapter):
             # 2. The probe logs in with this generation's password: proof the broker has loaded these files.
             client = None
             while time.monotonic() < deadline:
-                client, code = _connected_client(
+                client, code = connected_client(
                     self.cfg.host,
                     self.cfg.port,
                     username=self.probe_username,
@@ -309,8 +309,8 @@ class MosquittoFiles(BrokerAdapter):
                 self._delivery_checks(client, policy, result, deadline)
             finally:
                 client.disconnect()
-                _step(client, 0.01)
-                _close(client)
+                mqtt_step(client, 0.01)
+                mqtt_close(client)
         except BrokerUnavailable:
             raise
         except Exception as exc:  # a probe must report, never crash the apply
@@ -343,13 +343,13 @@ class MosquittoFiles(BrokerAdapter):
         allowed = f"{rx}/{me}/command"
         # '#' would deliver anything the probe may read: only its own rx channels.
         client.subscribe([("#", 1), (forbidden, 1)])
-        _loop_until(client, lambda: subscribed, deadline)
+        loop_until(client, lambda: subscribed, deadline)
         client.publish(forbidden, f"forbidden {nonce}", qos=1)
         client.publish(allowed, f"allowed {nonce}", qos=1)
-        _loop_until(client, lambda: any(p == f"allowed {nonce}".encode() for _, p in received), deadline)
+        loop_until(client, lambda: any(p == f"allowed {nonce}".encode() for _, p in received), deadline)
         # Messages from one client are delivered in order: by the time the allowed one arrived, the forbidden
         # one (published first) would have too. A short extra wait covers a duplicate path.
-        _loop_until(client, lambda: False, min(deadline, time.monotonic() + 0.05))
+        loop_until(client, lambda: False, min(deadline, time.monotonic() + 0.05))
         result.allowed_delivered = any(p == f"allowed {nonce}".encode() for _, p in received)
         result.forbidden_delivered = any(p == f"forbidden {nonce}".encode() for _, p in received) or any(
             not t.startswith(f"{rx}/{me}/") for t, _ in received
@@ -455,72 +455,3 @@ def derive_policy(
         new_passwd_lines=(*added.decode().splitlines(keepends=True), probe_line.decode()),
         acl_changed=acl_bytes != loaded.acl,
     )
-
-
-def _step(client: mqtt.Client, timeout: float) -> int:
-    """One turn of paho's network loop driven by epoll (selectors) instead of paho's own loop(), which uses
-    select() and fails in a process holding descriptors numbered 1024 or more."""
-    sock = client.socket()
-    if sock is None:
-        return mqtt.MQTT_ERR_NO_CONN
-    events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.want_write() else 0)
-    with selectors.DefaultSelector() as selector:
-        selector.register(sock, events)
-        ready = selector.select(timeout)
-    rc = mqtt.MQTT_ERR_SUCCESS
-    for _key, mask in ready:
-        if mask & selectors.EVENT_READ:
-            rc = client.loop_read()
-        if rc == mqtt.MQTT_ERR_SUCCESS and mask & selectors.EVENT_WRITE:
-            rc = client.loop_write()
-    if rc == mqtt.MQTT_ERR_SUCCESS:
-        rc = client.loop_misc()
-    return rc
-
-
-def _loop_until(client: mqtt.Client, condition, deadline: float) -> None:
-    while not condition() and time.monotonic() < deadline:
-        rc = _step(client, 0.01)
-        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
-            raise ConnectionError(f"connection lost ({mqtt.error_string(rc)})")
-
-
-def _close(client: mqtt.Client) -> None:
-    sock = client.socket()
-    if sock is not None:
-        try:
-            sock.close()
-        except OSError:
-            pass
-
-
-def _connected_client(host: str, port: int, *, username: str, password: str, timeout: float):
-    """(client, 0) once connected; (None, reason code) when refused. BrokerUnavailable when nobody listens."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv311)
-    client.username_pw_set(username, password)
-    outcome: list[int] = []
-    client.on_connect = lambda _c, _u, _f, reason, _p: outcome.append(reason.value)
-    try:
-        client.connect(host, port, keepalive=30)
-    except OSError as exc:
-        raise BrokerUnavailable(f"The broker does not answer on {host}:{port} ({exc}).") from exc
-    deadline = time.monotonic() + timeout
-    while not outcome and time.monotonic() < deadline:
-        rc = _step(client, 0.01)
-        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
-            break
-    code = outcome[0] if outcome else 135  # no CONNACK: treat as refused (v5 "not authorized")
-    if code != 0:
-        _close(client)
-        return None, code
-    return client, 0
-
-
-def connect_code(host: str, port: int, *, username: str, password: str, timeout: float = 2.0) -> int:
-    """The CONNACK code for these credentials (0 = accepted)."""
-    client, code = _connected_client(host, port, username=username, password=password, timeout=timeout)
-    if client is not None:
-        client.disconnect()
-        _step(client, 0.01)
-        _close(client)
-    return code

@@ -11,7 +11,7 @@
   queued messages when this connection ends), read the retained messages on its own channels and publish empty
   retained messages over exactly those.
 
-Both speak MQTT through paho driven by ``files._step`` (epoll), like the canary.
+Both speak MQTT through paho driven by ``mqtt_client.mqtt_step`` (epoll), like the canary.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .base import BrokerUnavailable
-from .files import _close, _connected_client, _loop_until, _step
+from .mqtt_client import connected_client, loop_until, mqtt_close, mqtt_step
 
 LOG_TOPIC = "$SYS/broker/log/N"  # notice level: connections and disconnections
 _TIMESTAMP_RE = re.compile(r"^(?P<ts>\d+): (?P<text>.*)$", re.S)
@@ -76,7 +76,7 @@ class SessionWatcher:
         client = None
         deadline = time.monotonic() + self.lifetime
         try:
-            client, code = _connected_client(
+            client, code = connected_client(
                 self.host, self.port, username=self.username, password=self.password, timeout=3.0
             )
             if client is None:
@@ -86,14 +86,14 @@ class SessionWatcher:
             subscribed: list[bool] = []
             client.on_subscribe = lambda *_args: subscribed.append(True)
             client.subscribe(LOG_TOPIC, qos=0)
-            _loop_until(client, lambda: subscribed, min(deadline, time.monotonic() + 3.0))
+            loop_until(client, lambda: subscribed, min(deadline, time.monotonic() + 3.0))
             if not subscribed:
                 self.error = "the broker did not confirm the session watcher's subscription"
                 return
             self.subscribed_at = time.time()
             self._ready.set()
             while not self._done.is_set() and time.monotonic() < deadline:
-                rc = _step(client, 0.01)
+                rc = mqtt_step(client, 0.01)
                 if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
                     self.error = f"the session watcher's connection ended ({mqtt.error_string(rc)})"
                     return
@@ -105,8 +105,8 @@ class SessionWatcher:
             if client is not None:
                 with contextlib.suppress(Exception):
                     client.disconnect()
-                    _step(client, 0.01)
-                _close(client)
+                    mqtt_step(client, 0.01)
+                mqtt_close(client)
             self._ready.set()
             with self._cond:
                 self._done.set()
@@ -263,7 +263,7 @@ def purge_device_session(
     except OSError as exc:
         raise BrokerUnavailable(f"The broker does not answer on {host}:{port} ({exc}).") from exc
     try:
-        _loop_until(client, lambda: connack, deadline)
+        loop_until(client, lambda: connack, deadline)
         if not connack or connack[0][1] != 0:
             outcome.error = f"the purge login was refused (code {connack[0][1] if connack else 'none'})"
             return outcome
@@ -272,7 +272,7 @@ def purge_device_session(
         # which Mosquitto grants and never delivers) is answered after them: its SUBACK means "all retained sent".
         _result, first = client.subscribe([(topic, 1) for topic in topics])
         _result, sync = client.subscribe(f"fleetkeeper/purge-sync/{client_id}", qos=0)
-        _loop_until(client, lambda: first in subscribed and sync in subscribed, deadline)
+        loop_until(client, lambda: first in subscribed and sync in subscribed, deadline)
         if sync not in subscribed:
             outcome.error = "the broker did not answer the purge's subscriptions in time"
             return outcome
@@ -281,7 +281,7 @@ def purge_device_session(
         for topic in sorted(retained):
             info = client.publish(topic, b"", qos=1, retain=True)
             mids.append(info.mid)
-        _loop_until(client, lambda: all(mid in acks for mid in mids), deadline)
+        loop_until(client, lambda: all(mid in acks for mid in mids), deadline)
         outcome.retained_cleared = sorted(retained) if all(mid in acks for mid in mids) else []
         if len(outcome.retained_cleared) != len(retained):
             outcome.error = "the broker did not acknowledge every empty retained message in time"
@@ -290,15 +290,15 @@ def purge_device_session(
     finally:
         with contextlib.suppress(Exception):
             client.disconnect()
-            _step(client, 0.05)
-        _close(client)
+            mqtt_step(client, 0.05)
+        mqtt_close(client)
     return outcome
 
 
 def connect_code_from(host: str, port: int, *, username: str, password: str, timeout: float = 2.0) -> tuple[int, str]:
-    """``files.connect_code`` that also says from which local address it connected (host:port, as the broker logs
+    """``mqtt_client.connect_code`` that also says from which local address it connected (host:port, as the broker logs
     it), so a watcher can find this login in the broker's log."""
-    client, code = _connected_client(host, port, username=username, password=password, timeout=timeout)
+    client, code = connected_client(host, port, username=username, password=password, timeout=timeout)
     if client is None:
         return code, ""
     try:
@@ -306,6 +306,6 @@ def connect_code_from(host: str, port: int, *, username: str, password: str, tim
         address = f"{local[0]}:{local[1]}"
     finally:
         client.disconnect()
-        _step(client, 0.01)
-        _close(client)
+        mqtt_step(client, 0.01)
+        mqtt_close(client)
     return code, address

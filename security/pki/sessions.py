@@ -21,7 +21,7 @@ from django.conf import settings
 
 from security.audit import audit_record
 from security.brokers.base import BrokerUnavailable
-from security.brokers.files import _close, _step
+from security.brokers.mqtt_client import mqtt_close, mqtt_step
 
 from . import ca as pki_ca
 from .csr import device_cert_sign
@@ -53,13 +53,13 @@ def _takeover(*, client_id: str, cert_pem: str, key_pem: str, chain_pem: str, ti
         raise BrokerUnavailable(f"The broker's TLS listener does not answer ({exc}).") from exc
     deadline = time.monotonic() + timeout
     while not outcome and time.monotonic() < deadline:
-        if _step(client, 0.01) not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+        if mqtt_step(client, 0.01) not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
             break
     code = outcome[0] if outcome else -1
     if code == 0:
         client.disconnect()
-        _step(client, 0.05)
-    _close(client)
+        mqtt_step(client, 0.05)
+    mqtt_close(client)
     return code
 
 
