@@ -396,6 +396,11 @@ MQTT_SESSIONS_PASSWORD = (
     env.str("MQTT_SESSIONS_PASSWORD", default="")
     or __import__("hmac").new(MQTT_PROBE_PASSWORD.encode(), b"fleetkeeper-sessions", "sha256").hexdigest()
 )
+# Which broker enforces: "mosquitto" (one node; the rendered files, SIGHUP) or "rabbitmq" (a cluster asking the
+# console through the HTTP auth hook; in progress, docs/broker.md "Choosing a broker").
+BROKER_BACKEND = env.str("BROKER_BACKEND", default="mosquitto")
+if BROKER_BACKEND not in ("mosquitto", "rabbitmq"):
+    raise ImproperlyConfigured(f"BROKER_BACKEND must be mosquitto or rabbitmq, not {BROKER_BACKEND!r}")
 # --- clustered brokers through the HTTP auth hook (docs/broker.md, "Choosing a broker") ---------------------------
 # The broker asks the console at every connect, publish and subscribe; the console answers from the enforcement
 # core. The hook's URLs carry BROKER_HOOK_SECRET: only the brokers know it (and the hook is never published).
@@ -411,6 +416,9 @@ RABBITMQ_MANAGEMENT_PASSWORD = env.str("RABBITMQ_MANAGEMENT_PASSWORD", default="
     "" if PRODUCTION else dev_secret("RABBITMQ_MANAGEMENT_PASSWORD")
 )
 RABBITMQ_VHOST = env.str("RABBITMQ_VHOST", default="/")
+# Where the console's own clients (the canary, the verifier) reach the cluster's MQTT listener (any node).
+RABBITMQ_MQTT_HOST = env.str("RABBITMQ_MQTT_HOST", default="127.0.0.1")
+RABBITMQ_MQTT_PORT = env.int("RABBITMQ_MQTT_PORT", default=1883)
 RABBITMQ_MANAGEMENT_TIMEOUT = env.float("RABBITMQ_MANAGEMENT_TIMEOUT", default=3.0)
 
 # After a revocation is verified: discard the device's persistent session (queued messages) on the broker and clear

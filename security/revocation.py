@@ -28,7 +28,7 @@ from security.confirmation import typed_count_check
 from . import services, topics
 from .audit import actor_label, audit_context, audit_record, current_context
 from .brokers import get_adapter
-from .brokers.base import files_digest_bytes
+from .brokers.base import BrokerUnavailable, HookBrokerAdapter, files_digest_bytes
 from .brokers.files import derive_policy
 from .brokers.mqtt_client import connect_code
 from .brokers.render import probe_generation_password
@@ -180,6 +180,8 @@ def device_action_verify_pending(*, limit: int = 5000) -> dict:
     if not rows:
         return {"verified": 0, "failed": 0, "waiting": 0}
     adapter = get_adapter()
+    if isinstance(adapter, HookBrokerAdapter):
+        return _verify_through_hook(rows, adapter=adapter)
     watcher = session_watch_take()
     try:
         with services.broker_lock():
@@ -273,6 +275,24 @@ def _verify_locked(rows: list[DeviceAction], *, adapter, watcher: SessionWatcher
         failed += not ok
     if purge_wanted:
         purge_enqueue()
+    return {"verified": verified, "failed": failed, "waiting": 0}
+
+
+def _verify_through_hook(rows: list[DeviceAction], *, adapter: HookBrokerAdapter) -> dict:
+    """A broker that asks the console: the adapter checks what it answers now (a revoked identity is refused
+    through the broker and has no live session), and a verified revocation's queued messages are purged at once."""
+    verified = failed = 0
+    for row in rows:
+        ok, evidence = adapter.verify_action(action=row.action, client_id=row.client_id)
+        evidence["checked_at"] = _now_ms()
+        if ok and row.action == DeviceAction.Action.REVOKE and settings.REVOCATION_PURGE_SESSIONS:
+            try:
+                evidence["purge"] = {"state": "done", "queues": adapter.purge([row.client_id])[row.client_id]}
+            except BrokerUnavailable as exc:
+                evidence["purge"] = {"state": "failed", "error": str(exc)}
+        _settle_row(row, ok=ok, evidence=evidence)
+        verified += ok
+        failed += not ok
     return {"verified": verified, "failed": failed, "waiting": 0}
 
 

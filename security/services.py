@@ -29,7 +29,7 @@ from security.enforcement.secrets import hash_secret
 
 from .audit import audit_record, current_context
 from .brokers import broker_config, console_identities, get_adapter
-from .brokers.base import ApplyResult, BrokerRejected, BrokerUnavailable
+from .brokers.base import ApplyResult, BrokerRejected, BrokerUnavailable, HookBrokerAdapter
 from .brokers.render import DeviceRow, RenderedPolicy, passwd_drift, policy_render
 from .models import BrokerState, DeviceCredential, EnforcementChange
 from .permissions import require
@@ -451,6 +451,8 @@ def _apply_locked(*, force_reload: bool, drift: dict | None = None, entered_at: 
     up_to_id = _pending_max_id()
     state = BrokerState.load()
     adapter = get_adapter()
+    if isinstance(adapter, HookBrokerAdapter):
+        return _apply_through_hook(adapter, up_to_id=up_to_id, state=state, entered_at=entered_at or locked_at)
     # Revocations of active devices on top of an unchanged broker: cut the lines out of the loaded files instead of
     # rendering the whole fleet again (issue 5's latency target; the reconcile still renders in full every minute).
     from .revocation import policy_fast_revoke
@@ -502,6 +504,34 @@ def _apply_locked(*, force_reload: bool, drift: dict | None = None, entered_at: 
 # --- reconcile -----------------------------------------------------------------------------------------------
 
 
+def _apply_through_hook(
+    adapter: HookBrokerAdapter, *, up_to_id: int | None, state: BrokerState, entered_at: float
+) -> ApplyResult:
+    """A broker that asks the console (the HTTP hook) already answers every new question from the changed desired
+    state: applying is ending the live sessions of the changed identities (they keep the rights they were granted),
+    then the canary. The rows settle as for the files; an unreachable broker leaves them pending, retried."""
+    client_ids = list(
+        EnforcementChange.objects.filter(
+            id__lte=up_to_id or 0, state__in=[EnforcementChange.State.PENDING, EnforcementChange.State.FAILED]
+        )
+        .exclude(client_id="")
+        .values_list("client_id", flat=True)
+        .distinct()
+    )
+    try:
+        result = adapter.apply(client_ids)
+    except BrokerUnavailable as exc:
+        _note_attempt(up_to_id=up_to_id, error=str(exc))
+        _record_state(state=state, error=str(exc), reachable=False)
+        raise
+    result.timings = {"path": "hook", "entered_at": entered_at, **result.timings}
+    _note_attempt(up_to_id=up_to_id, error="")
+    _settle(up_to_id=up_to_id, result=result)
+    probe_error = "" if result.probe is None or result.probe.ok else f"probe failed: {result.probe.error}"
+    _record_state(state=state, result=result, error=probe_error)
+    return result
+
+
 def broker_drift(*, policy: RenderedPolicy | None = None) -> dict:
     """Compare the desired files with what is on disk (what the broker loads). Empty dict = in sync."""
     from .brokers.render import diff_text, redact_passwd
@@ -531,6 +561,18 @@ def broker_reconcile(*, trigger: str = "schedule") -> dict:
 
     "Loaded" is checked by the probe: its password is derived from the policy's generation, so if it logs in, the
     broker has loaded exactly the desired files. A restart (new pid or start time) is noticed and recorded."""
+    if isinstance(get_adapter(), HookBrokerAdapter):
+        # Nothing is loaded that could drift: the hook answers from the database. What can be left over is a change
+        # whose kick did not reach the broker: apply the pending rows, and the canary proves the cluster asks.
+        outcome = {"trigger": trigger, "drift": {}, "repaired": False}
+        with broker_lock():
+            try:
+                result = _apply_locked(force_reload=False)
+            except BrokerUnavailable as exc:
+                outcome["error"] = str(exc)
+                return outcome
+        outcome["probe"] = result.probe.as_dict() if result.probe else None
+        return outcome
     with broker_lock():
         state = BrokerState.load()
         policy = policy_desired()

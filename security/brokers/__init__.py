@@ -11,7 +11,7 @@ from django.utils.module_loading import import_string
 
 from security.enforcement.state import consumer_usernames
 
-from .base import BrokerAdapter, BrokerError, BrokerRejected, BrokerUnavailable  # noqa: F401
+from .base import BrokerAdapter, BrokerError, BrokerRejected, BrokerUnavailable, HookBrokerAdapter  # noqa: F401
 from .render import COMMANDER, CONSUMER, MONITOR, PROBE, SESSIONS, SESSIONS_USERNAME, BrokerConfig, ConsoleIdentity
 
 
@@ -68,7 +68,11 @@ def console_identities() -> list[ConsoleIdentity]:
     return identities
 
 
-def get_adapter() -> BrokerAdapter:
+def get_adapter() -> BrokerAdapter | HookBrokerAdapter:
+    """The adapter for settings.BROKER_BACKEND: MQTT_BROKER_ADAPTER for Mosquitto (the rendered files), the
+    HTTP-hook adapter for RabbitMQ."""
+    if settings.BROKER_BACKEND == "rabbitmq":
+        return import_string("security.brokers.rabbitmq.RabbitMQCluster")()
     adapter_class = import_string(settings.MQTT_BROKER_ADAPTER)
     return adapter_class(
         broker_config(with_tls=False),

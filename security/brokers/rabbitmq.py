@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import logging
+import secrets
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,6 +33,9 @@ from django.views.decorators.csrf import csrf_exempt
 
 from security.enforcement import decisions
 from security.enforcement.state import identity_desired
+
+from .base import ApplyResult, BrokerUnavailable, HookBrokerAdapter, ProbeResult
+from .mqtt_client import connect_code
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +173,9 @@ class ManagementUnavailable(Exception):
     """No node's management API answered."""
 
 
-def _management_request(method: str, path: str) -> int:
-    """Send to the first node that answers; the status code. Raises ManagementUnavailable when none does."""
+def _management_request(method: str, path: str, *, body: list | None = None) -> int:
+    """Send to the first node that answers; the status code (a GET's JSON answer is appended to ``body``). Raises
+    ManagementUnavailable when none does."""
     token = base64.b64encode(
         f"{settings.RABBITMQ_MANAGEMENT_USER}:{settings.RABBITMQ_MANAGEMENT_PASSWORD}".encode()
     ).decode()
@@ -184,6 +191,8 @@ def _management_request(method: str, path: str) -> int:
         )
         try:
             with urllib.request.urlopen(request, timeout=settings.RABBITMQ_MANAGEMENT_TIMEOUT) as response:  # noqa: S310
+                if body is not None:
+                    body.append(json.loads(response.read() or b"null"))
                 return response.status
         except urllib.error.HTTPError as exc:
             return exc.code
@@ -205,3 +214,137 @@ def disconnect(usernames: list[str]) -> dict[str, str]:
         else:
             raise ManagementUnavailable(f"the management API answered {status} for {username}")
     return outcome
+
+
+def live_connections(username: str) -> int:
+    """How many connections ``username`` has open anywhere in the cluster."""
+    answer: list = []
+    status = _management_request(
+        "GET", f"/api/connections/username/{urllib.parse.quote(username, safe='')}", body=answer
+    )
+    if status == 404:
+        return 0
+    if status != 200:
+        raise ManagementUnavailable(f"the management API answered {status} listing {username}'s connections")
+    return len(answer[0] or [])
+
+
+def purge(usernames: list[str]) -> dict[str, str]:
+    """Delete the subscription queues (queued QoS 1 messages) of these identities: "deleted" or "none"."""
+    outcome = {}
+    vhost = urllib.parse.quote(settings.RABBITMQ_VHOST, safe="")
+    for username in usernames:
+        deleted = False
+        for qos in (0, 1):
+            queue = urllib.parse.quote(f"{SUBSCRIPTION_QUEUE_PREFIX}{username}qos{qos}", safe="")
+            status = _management_request("DELETE", f"/api/queues/{vhost}/{queue}")
+            if status in (200, 204):
+                deleted = True
+            elif status != 404:
+                raise ManagementUnavailable(f"the management API answered {status} deleting {username}'s queue")
+        outcome[username] = "deleted" if deleted else "none"
+    return outcome
+
+
+# --- the adapter -------------------------------------------------------------------------------------------------
+
+
+class RabbitMQCluster(HookBrokerAdapter):
+    """BROKER_BACKEND=rabbitmq. The hook decides every new question from the desired state, so applying a change is
+    ending the live sessions whose rights changed; the canary proves the cluster asks the hook."""
+
+    name = "rabbitmq"
+
+    def __init__(self, *, host: str | None = None, port: int | None = None, timeout: float | None = None):
+        self.host = host or settings.RABBITMQ_MQTT_HOST
+        self.port = port or settings.RABBITMQ_MQTT_PORT
+        self.timeout = timeout or settings.MQTT_PROBE_TIMEOUT
+
+    def _connect_code(self, username: str, password: str) -> int:
+        return connect_code(self.host, self.port, username=username, password=password, timeout=self.timeout)
+
+    def capabilities(self) -> dict:
+        return dict(CAPABILITIES)
+
+    def disconnect(self, usernames: list[str]) -> dict[str, str]:
+        try:
+            return disconnect(usernames)
+        except ManagementUnavailable as exc:
+            raise BrokerUnavailable(f"No RabbitMQ management API answered: {exc}") from exc
+
+    def purge(self, usernames: list[str]) -> dict[str, str]:
+        try:
+            return purge(usernames)
+        except ManagementUnavailable as exc:
+            raise BrokerUnavailable(f"No RabbitMQ management API answered: {exc}") from exc
+
+    def probe(self) -> ProbeResult:
+        """The console's probe identity logs in through the cluster with its secret (the hook said allow) and with a
+        random one (the hook said deny)."""
+        started = time.monotonic()
+        result = ProbeResult(generation_loaded=True)  # nothing is loaded: every question is asked afresh
+        try:
+            allowed = self._connect_code(settings.MQTT_PROBE_USERNAME, settings.MQTT_PROBE_PASSWORD)
+            refused = self._connect_code(settings.MQTT_PROBE_USERNAME, secrets.token_urlsafe(24))
+        except BrokerUnavailable as exc:
+            result.error = str(exc)
+            raise
+        result.allowed_delivered = allowed == 0
+        result.refused_credential_refused = refused != 0
+        result.ok = result.allowed_delivered and result.refused_credential_refused
+        if not result.ok:
+            result.error = f"canary through the hook: own secret answered {allowed}, a random one {refused}"
+        result.duration_ms = round((time.monotonic() - started) * 1000, 1)
+        return result
+
+    def apply(self, client_ids: list[str]) -> ApplyResult:
+        started = time.monotonic()
+        names = sorted({c for c in client_ids if c})
+        dropped = self.disconnect(names) if names else {}
+        kicked_ms = round((time.monotonic() - started) * 1000, 1)
+        probe = self.probe()
+        return ApplyResult(
+            digest="",
+            written=False,
+            reloaded=False,
+            process=None,
+            probe=probe,
+            timings={"kick_ms": kicked_ms, "sessions": dropped},
+        )
+
+    def verify_action(self, *, action: str, client_id: str) -> tuple[bool, dict]:
+        identity = identity_desired(client_id)
+        evidence: dict = {
+            "broker": f"rabbitmq {self.host}:{self.port}",
+            "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        live = live_connections_or_unknown(client_id)
+        evidence["live_connections"] = live
+        if action == "revoke":
+            code = self._connect_code(client_id, secrets.token_urlsafe(24))
+            evidence["connect_attempt"] = {"username": client_id, "password": "random, never issued", "code": code}
+            evidence["desired"] = "may not connect"
+            ok = code != 0 and (identity is None or not identity.may_connect) and live == 0
+        elif action == "quarantine":
+            evidence["desired"] = {"publish": list(identity.grants.publish) if identity else []}
+            ok = (
+                identity is not None
+                and identity.status == "quarantined"
+                and not decisions.publish_decision(identity, client_id=client_id, topic=_tx(client_id, "telemetry"))
+                and bool(decisions.publish_decision(identity, client_id=client_id, topic=_tx(client_id, "ack")))
+            )
+        else:
+            ok = identity is not None and identity.status == "active"
+            evidence["desired"] = {"publish": list(identity.grants.publish) if identity else []}
+        return ok, evidence
+
+
+def live_connections_or_unknown(username: str) -> int | str:
+    try:
+        return live_connections(username)
+    except ManagementUnavailable as exc:
+        return f"unknown: {exc}"
+
+
+def _tx(client_id: str, channel: str) -> str:
+    return f"{settings.MQTT_TOPIC_TX_PREFIX}/{client_id}/{channel}"

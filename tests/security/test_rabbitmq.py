@@ -10,11 +10,16 @@ import pytest
 from django.conf import settings
 
 from devices.models import Device
-from security import services
+from fleet.celery import app as celery_app
+from security import revocation, services
 from security.brokers import rabbitmq
+from security.brokers.base import BrokerUnavailable
+from security.models import AuditEvent, DeviceAction, EnforcementChange
 from tests.factories import DeviceFactory
+from tests.security.test_revocation import api
 from tests.support.broker import MqttClient
 from tests.support.rabbitmq import RabbitCluster
+from tests.support.servers import free_port
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -39,6 +44,11 @@ def cluster(live_server):
 def broker(cluster, settings):
     """Node A, with ``client(...)`` to make MQTT 3.1.1 clients (``node=1`` for node B) closed after the test. The
     console knows node A's management API only."""
+    from django.apps import apps
+
+    from security.roles import roles_sync
+
+    roles_sync(apps)  # a transactional test before this one flushed the tables, roles included
     node_a = cluster.nodes[0]
     settings.RABBITMQ_MANAGEMENT_URLS = [node_a.management_url]
     settings.RABBITMQ_MANAGEMENT_USER = MANAGEMENT_USER
@@ -175,3 +185,74 @@ def test_the_hooks_denials_are_counted_by_reason(broker, operator):
     client = broker.client("device-rq-c", "device-rq-c", "wrong")
     assert client.connect() != 0
     assert wait_until(lambda: rabbitmq.denials["bad_secret"] > before, timeout=5)
+
+
+# --- BROKER_BACKEND=rabbitmq: the API's revocation through the outbox, the kick and the verifier -------------------
+
+
+@pytest.fixture
+def hook_backend(broker, settings):
+    """The console enforcing through the cluster: its canary and verifier log in at node A."""
+    settings.BROKER_BACKEND = "rabbitmq"
+    settings.RABBITMQ_MQTT_HOST, settings.RABBITMQ_MQTT_PORT = "127.0.0.1", broker.mqtt_port
+    yield broker
+    celery_app.control.purge()  # the API's commits queued apply tasks that this test ran itself
+
+
+def test_an_api_revocation_drops_the_device_on_node_b_and_is_verified(hook_backend, operator, support):
+    _, secret = device_with_secret(operator, "device-rq-api")
+    services.enforcement_apply(coalesce=False)  # what the worker does with the credential's change
+    session = hook_backend.client("device-rq-api", "device-rq-api", secret, node=1)
+    assert session.connect() == 0
+    response = api(support).post("/api/v1/devices/device-rq-api/revoke/", {"reason": "stolen"}, format="json")
+    assert response.status_code == 202, response.content
+    record = DeviceAction.objects.get(pk=response.json()["id"])
+    assert record.state == "pending"
+    result = services.enforcement_apply(coalesce=False)  # the worker's apply task
+    assert result.probe.ok, result.probe
+    assert result.timings["sessions"] == {"device-rq-api": "dropped"}
+    assert session.wait_disconnected(5)
+    assert EnforcementChange.objects.get(pk=record.change_id).state == "applied"
+    assert revocation.device_action_verify_pending() == {"verified": 1, "failed": 0, "waiting": 0}
+    record.refresh_from_db()
+    assert record.state == "verified"
+    assert record.evidence["connect_attempt"]["code"] != 0 and record.evidence["live_connections"] == 0
+    assert record.evidence["purge"]["state"] == "done"
+    assert AuditEvent.objects.filter(action="device.revoke_verified", object_id="device-rq-api").exists()
+    assert hook_backend.client("device-rq-api", "device-rq-api", secret, node=1).connect() != 0
+
+
+def test_a_quarantine_through_the_api_keeps_the_repair_path_after_the_kick(hook_backend, operator, support):
+    _, secret = device_with_secret(operator, "device-rq-apq")
+    session = hook_backend.client("device-rq-apq", "device-rq-apq", secret)
+    assert session.connect() == 0
+    response = api(support).post("/api/v1/devices/device-rq-apq/quarantine/", {"reason": "odd"}, format="json")
+    assert response.status_code == 202, response.content
+    services.enforcement_apply(coalesce=False)
+    assert session.wait_disconnected(5), "a live session keeps its rights on RabbitMQ: the quarantine must end it"
+    again = hook_backend.client("device-rq-apq", "device-rq-apq", secret)
+    assert again.connect() == 0 and again.subscribe("rx/device-rq-apq/#") == [1]
+    again.publish("tx/device-rq-apq/ack", "repair ack")
+    assert again.is_connected
+    assert revocation.device_action_verify_pending()["verified"] == 1
+
+
+def test_management_api_down_delays_the_kick_and_loses_nothing(hook_backend, operator, support, settings):
+    row, secret = device_with_secret(operator, "device-rq-down")
+    session = hook_backend.client("device-rq-down", "device-rq-down", secret)
+    assert session.connect() == 0
+    working = settings.RABBITMQ_MANAGEMENT_URLS
+    settings.RABBITMQ_MANAGEMENT_URLS = [f"http://127.0.0.1:{free_port()}"]  # nothing listens there
+    services.device_revoke(actor=support, device=Device.objects.get(pk=row.pk), reason="stolen")
+    change = EnforcementChange.objects.filter(client_id="device-rq-down", kind="device.revoke").latest("id")
+    with pytest.raises(BrokerUnavailable):
+        services.enforcement_apply(coalesce=False)
+    change.refresh_from_db()
+    assert change.state == "pending" and change.attempts == 1 and "management" in change.last_error
+    # The deny is in force for every new question meanwhile: the device cannot connect again.
+    assert hook_backend.client("device-rq-down", "device-rq-down", secret, node=1).connect() != 0
+    settings.RABBITMQ_MANAGEMENT_URLS = working
+    services.broker_reconcile(trigger="test")  # what beat runs every minute (or the task's own retry)
+    change.refresh_from_db()
+    assert change.state == "applied"
+    assert session.wait_disconnected(5)
