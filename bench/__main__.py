@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from bench.processes import free_port
+from fleet.ports import free_port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="10x smaller fleets (a smoke run, not the targets)")
     parser.add_argument(
         "--only",
-        choices=["broker", "dashboard", "revocation", "ingest", "rotation"],
+        choices=["broker", "dashboard", "revocation", "ingest", "rotation", "cluster"],
         action="append",
         help="run only these groups of figures (repeatable); default: all",
     )
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--revocation-large-count", type=int, default=200)
     parser.add_argument("--rotation-devices", type=int, default=10_000, help="devices rotated (all connected)")
+    parser.add_argument("--cluster-devices", type=int, default=2_000, help="connects per round on the RabbitMQ cluster")
     parser.add_argument(
         "--compare-iterations",
         type=int,
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         args.revocations, args.revocation_fleet, args.revocation_large_fleet = 50, 1_000, 10_000
         args.revocation_large_count = 20
         args.rotation_devices = 1_000
+        args.cluster_devices = 300
 
     # Thousands of sockets in this process and in the broker it starts.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import broker, dashboard
 
-    selected = set(args.only or ["broker", "dashboard", "revocation", "ingest", "rotation"])
+    selected = set(args.only or ["broker", "dashboard", "revocation", "ingest", "rotation", "cluster"])
     if "ingest" in selected:  # first: its own devices, its own broker, before the fleets grow
         from . import ingest
 
@@ -97,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "dashboard" in selected:
         dashboard.run(devices=args.devices)
+    if "cluster" in selected:  # its own devices (device-hk...), before revocation decommissions the others
+        from . import cluster
+
+        cluster.run(devices=args.cluster_devices)
     if "revocation" in selected:  # last: it decommissions the other benchmarks' devices to size its own fleet
         from . import revocation
 

@@ -32,8 +32,12 @@ def record(
     baseline: float | None = None,
     baseline_label: str = "",
     note: str = "",
+    at_least: float | None = None,
 ) -> None:
+    """``target``: the value must stay under it; ``at_least``: the value must reach it (more is better)."""
     verdict = "" if target is None else ("PASS" if value < target else "FAIL")
+    if at_least is not None:
+        verdict = "PASS" if value >= at_least else "FAIL"
     RESULTS.append(
         {
             "name": name,
@@ -49,6 +53,8 @@ def record(
     line = f"  {name}: {value:.3f} {unit}"
     if target is not None:
         line += f" (target < {target} {unit}: {verdict})"
+    if at_least is not None:
+        line += f" (target >= {at_least} {unit}: {verdict})"
     if baseline is not None:
         line += f"; baseline {baseline_label}: {baseline:.3f} {unit}"
     if note:

@@ -7,7 +7,7 @@ come in through the environment before this module is read.
 import os
 import tempfile
 
-from tests.support.servers import free_port
+from fleet.ports import free_port
 
 # Each test process owns a var/ directory and a Redis port, chosen here before anything reads them; its child
 # processes (a Celery worker) inherit them through the environment. Under pytest-xdist every worker process (gw0,

@@ -80,8 +80,8 @@ def operator_client(client, operator):
 import os  # noqa: E402
 import shutil as _shutil  # noqa: E402
 
+from fleet.ports import free_port  # noqa: E402
 from tests.support.broker import MosquittoServer  # noqa: E402
-from tests.support.servers import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

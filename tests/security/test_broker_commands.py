@@ -10,8 +10,9 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 
+from fleet.ports import wait_for_port
 from tests.support.broker import raw_connect_code
-from tests.support.servers import BASE_DIR, stop, wait_for_port
+from tests.support.servers import BASE_DIR, stop
 
 
 @pytest.mark.django_db

@@ -13,13 +13,13 @@ from django.urls import reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from fleet.ports import free_port, wait_for_port
 from security.models import Alert, AuditEvent, PostureReport
 from security.posture import checks, context, runner
 from security.posture import services as posture
 from security.posture.context import FAIL, PASS, UNKNOWN, Finding
 from tests.support.broker import MosquittoServer
 from tests.support.detection import refusals_judged
-from tests.support.servers import free_port, wait_for_port
 
 # --- pure parts -------------------------------------------------------------------------------------------------------
 

@@ -11,15 +11,15 @@ from django.conf import settings
 
 from devices.models import Device
 from fleet.celery import app as celery_app
+from fleet.ports import free_port
 from security import revocation, services
 from security.brokers import rabbitmq
 from security.brokers.base import BrokerUnavailable
+from security.brokers.rabbitmq_local import RabbitCluster
 from security.models import AuditEvent, DeviceAction, EnforcementChange
 from tests.factories import DeviceFactory
 from tests.security.test_revocation import api
 from tests.support.broker import MqttClient
-from tests.support.rabbitmq import RabbitCluster
-from tests.support.servers import free_port
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from fleet.ports import wait_for_port
+
 from .servers import stop as stop_process
-from .servers import wait_for_port
 
 
 class MosquittoServer:

@@ -3,60 +3,17 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import closing
 from pathlib import Path
 
+from fleet.ports import wait_for_port
+
 BASE_DIR = Path(__file__).resolve().parents[2]
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-
-
-def free_port() -> int:
-    """A free 127.0.0.1 port for a server a test starts, chosen *below* the kernel's ephemeral range.
-
-    A port from the ephemeral range (what binding port 0 gives) is free only for the moment: the session keeps its
-    broker ports for its whole length and restarts the broker on them test after test, and in between, any outgoing
-    connection on the machine (another xdist worker's client, say) can be handed that very port as its source port;
-    the broker then fails to start with "address in use". Ports under the range are never handed out that way."""
-    low, _ = _ephemeral_range()
-    floor = min(20_000, max(1024, low - 10_000))
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(floor, low)
-        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port found between {floor} and {low} on 127.0.0.1")
-
-
-def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:

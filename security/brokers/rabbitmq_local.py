@@ -1,6 +1,7 @@
-"""A real RabbitMQ node for tests (Debian's rabbitmq-server 3.10 with rabbitmq_mqtt, rabbitmq_auth_backend_http and
-rabbitmq_management), on free 127.0.0.1 ports, in a directory of its own, with its own Erlang port mapper; its
-HTTP auth backend points at the console's hook. Stopped (node and port mapper) by ``stop()``.
+"""Local RabbitMQ nodes and clusters for the tests and the benchmarks (Debian's rabbitmq-server 3.10 with
+rabbitmq_mqtt, rabbitmq_auth_backend_http and rabbitmq_management), on free 127.0.0.1 ports, each node in a
+directory of its own, a cluster's nodes sharing one Erlang cookie and port mapper; the HTTP auth backend points at
+the console's hook. Stopped (nodes and port mapper) by ``stop()``. No Django import.
 
 Runs the node's own scripts (not Debian's wrapper, which switches to the `rabbitmq` user), as whoever runs the
 tests; HOME is the node's directory, so the Erlang cookie is the node's own too."""
@@ -16,7 +17,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .servers import free_port, wait_for_port
+from fleet.ports import free_port, wait_for_port
 
 PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_backend_http", "rabbitmq_management")
 
@@ -24,7 +25,7 @@ PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_backend_http", "rabbitmq_management")
 def rabbitmq_sbin() -> Path:
     found = sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))
     if not found:
-        raise RuntimeError("rabbitmq-server is not installed: run `make test`, which installs it")
+        raise RuntimeError("rabbitmq-server is not installed: `scripts/install-system-deps.sh --test` installs it")
     return Path(found[-1])
 
 
