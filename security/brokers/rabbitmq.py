@@ -98,10 +98,9 @@ def _decide(check: str, fields: dict) -> decisions.Decision:
             identity_desired(username), username=username, password=fields.get("password", ""), client_id=client_id
         )
     identity = identity_desired(username)
-    if identity is None or not identity.may_connect:
-        return decisions.Decision(False, "unknown_username" if identity is None else "not_allowed")
-    if client_id and client_id != identity.client_id:
-        return decisions.Decision(False, "client_id_mismatch")
+    session = decisions.session_decision(identity, client_id=client_id)
+    if not session:
+        return session
     if check == "vhost":
         return decisions.ALLOW if fields.get("vhost") == settings.RABBITMQ_VHOST else decisions.Decision(False, "vhost")
     if check == "resource":

@@ -63,11 +63,22 @@ def connect_decision(identity: Identity | None, *, username: str, password: str,
     return ALLOW
 
 
-def publish_decision(identity: Identity | None, *, client_id: str, topic: str) -> Decision:
-    if identity is None or not identity.may_connect:
-        return _deny("unknown_username" if identity is None else f"not_allowed:{identity.status or identity.kind}")
+def session_decision(identity: Identity | None, *, client_id: str) -> Decision:
+    """What every question after the login checks first: the identity still exists and may connect, and the
+    session's client id (when the broker says it) is the one its credential is bound to."""
+    if identity is None:
+        return _deny("unknown_username")
+    if not identity.may_connect:
+        return _deny(f"not_allowed:{identity.status or identity.kind}")
     if client_id and client_id != identity.client_id:
         return _deny("client_id_mismatch")
+    return ALLOW
+
+
+def publish_decision(identity: Identity | None, *, client_id: str, topic: str) -> Decision:
+    session = session_decision(identity, client_id=client_id)
+    if not session:
+        return session
     if not is_valid_topic(topic):
         return _deny("malformed_topic")
     if any(pattern_matches(pattern, topic) for pattern in identity.grants.publish):
@@ -76,10 +87,9 @@ def publish_decision(identity: Identity | None, *, client_id: str, topic: str) -
 
 
 def subscribe_decision(identity: Identity | None, *, client_id: str, topic_filter: str) -> Decision:
-    if identity is None or not identity.may_connect:
-        return _deny("unknown_username" if identity is None else f"not_allowed:{identity.status or identity.kind}")
-    if client_id and client_id != identity.client_id:
-        return _deny("client_id_mismatch")
+    session = session_decision(identity, client_id=client_id)
+    if not session:
+        return session
     if not is_valid_filter(topic_filter):
         return _deny("malformed_topic")
     if any(covers(grant, topic_filter) for grant in identity.grants.subscribe):
