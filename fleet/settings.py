@@ -396,11 +396,12 @@ MQTT_SESSIONS_PASSWORD = (
     env.str("MQTT_SESSIONS_PASSWORD", default="")
     or __import__("hmac").new(MQTT_PROBE_PASSWORD.encode(), b"fleetkeeper-sessions", "sha256").hexdigest()
 )
-# Which broker enforces: "mosquitto" (one node; the rendered files, SIGHUP) or "rabbitmq" (a cluster asking the
-# console through the HTTP auth hook; in progress, docs/broker.md "Choosing a broker").
+# Which broker enforces: "mosquitto" (one node; the rendered files, SIGHUP), "rabbitmq" (a cluster asking the
+# console through the HTTP auth hook) or "emqx" (the same hook in EMQX's dialect; contract-tested only, never run
+# against a real EMQX here). docs/broker.md, "Choosing a broker".
 BROKER_BACKEND = env.str("BROKER_BACKEND", default="mosquitto")
-if BROKER_BACKEND not in ("mosquitto", "rabbitmq"):
-    raise ImproperlyConfigured(f"BROKER_BACKEND must be mosquitto or rabbitmq, not {BROKER_BACKEND!r}")
+if BROKER_BACKEND not in ("mosquitto", "rabbitmq", "emqx"):
+    raise ImproperlyConfigured(f"BROKER_BACKEND must be mosquitto, rabbitmq or emqx, not {BROKER_BACKEND!r}")
 # --- clustered brokers through the HTTP auth hook (docs/broker.md, "Choosing a broker") ---------------------------
 # The broker asks the console at every connect, publish and subscribe; the console answers from the enforcement
 # core. The hook's URLs carry BROKER_HOOK_SECRET: only the brokers know it (and the hook is never published).
@@ -420,6 +421,30 @@ RABBITMQ_VHOST = env.str("RABBITMQ_VHOST", default="/")
 RABBITMQ_MQTT_HOST = env.str("RABBITMQ_MQTT_HOST", default="127.0.0.1")
 RABBITMQ_MQTT_PORT = env.int("RABBITMQ_MQTT_PORT", default=1883)
 RABBITMQ_MANAGEMENT_TIMEOUT = env.float("RABBITMQ_MANAGEMENT_TIMEOUT", default=3.0)
+# EMQX 5: the REST API of every node (an API key with the right to kick and ban), and its MQTT listener.
+EMQX_API_URLS = env.list("EMQX_API_URLS", default=["http://127.0.0.1:18083"])
+EMQX_API_KEY = env.str("EMQX_API_KEY", default="fleetkeeper")
+EMQX_API_SECRET = env.str("EMQX_API_SECRET", default="") or ("" if PRODUCTION else dev_secret("EMQX_API_SECRET"))
+EMQX_API_TIMEOUT = env.float("EMQX_API_TIMEOUT", default=3.0)
+EMQX_MQTT_HOST = env.str("EMQX_MQTT_HOST", default="127.0.0.1")
+EMQX_MQTT_PORT = env.int("EMQX_MQTT_PORT", default=1883)
+# The hook's own listener (manage.py run_hook; gunicorn fleet.hook_wsgi in production): brokers only, never the
+# console's public port.
+BROKER_HOOK_HOST = env.str("BROKER_HOOK_HOST", default="127.0.0.1")
+BROKER_HOOK_PORT = env.int("BROKER_HOOK_PORT", default=8010)
+# Requests per second one hook process answers before it answers deny ("rate_limited", counted as an event), and
+# failed logins per username per BROKER_HOOK_LOGIN_WINDOW seconds before further attempts are refused unchecked.
+BROKER_HOOK_RATE = env.float("BROKER_HOOK_RATE", default=3000.0)
+BROKER_HOOK_BURST = env.int("BROKER_HOOK_BURST", default=3000)
+BROKER_HOOK_LOGIN_FAILURES = env.int("BROKER_HOOK_LOGIN_FAILURES", default=10)
+BROKER_HOOK_LOGIN_WINDOW = env.int("BROKER_HOOK_LOGIN_WINDOW", default=60)
+# The decision cache (security/enforcement/cache.py): a Redis without persistence; the outbox invalidates it.
+ENFORCEMENT_CACHE_URL = env.str("ENFORCEMENT_CACHE_URL", default=REDIS_URL)
+ENFORCEMENT_CACHE_PREFIX = env.str("ENFORCEMENT_CACHE_PREFIX", default="fk:enf")
+ENFORCEMENT_CACHE_TIMEOUT = env.float("ENFORCEMENT_CACHE_TIMEOUT", default=0.25)
+ENFORCEMENT_CACHE_MAX_AGE = env.int("ENFORCEMENT_CACHE_MAX_AGE", default=3600)  # bounds memory; never invalidates
+# The hook's denials, for detection (a Redis stream, capped): every refused login, publish and subscribe.
+BROKER_HOOK_EVENTS_MAXLEN = env.int("BROKER_HOOK_EVENTS_MAXLEN", default=100_000)
 
 # After a revocation is verified: discard the device's persistent session (queued messages) on the broker and clear
 # the retained messages on its own channels. On by default; off keeps them (they are unreachable by the device).

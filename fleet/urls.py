@@ -7,7 +7,6 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("api/v1/", include("fleet.api_urls")),
     path("admin/", admin.site.urls),
-    path("", include("security.brokers.urls")),
     path("", include("security.urls")),
     path("", include("devices.urls")),
 ]

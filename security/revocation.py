@@ -28,8 +28,9 @@ from security.confirmation import typed_count_check
 from . import services, topics
 from .audit import actor_label, audit_context, audit_record, current_context
 from .brokers import get_adapter
-from .brokers.base import BrokerUnavailable, HookBrokerAdapter, files_digest_bytes
+from .brokers.base import BrokerUnavailable, files_digest_bytes
 from .brokers.files import derive_policy
+from .brokers.hook_adapter import HookBrokerAdapter
 from .brokers.mqtt_client import connect_code
 from .brokers.render import probe_generation_password
 from .brokers.sessions import SessionWatcher, connect_code_from

@@ -25,11 +25,13 @@ from django.db.models import Max
 from django.utils import timezone
 
 from devices.models import Device
+from security.enforcement import cache as decision_cache
 from security.enforcement.secrets import hash_secret
 
 from .audit import audit_record, current_context
 from .brokers import broker_config, console_identities, get_adapter
-from .brokers.base import ApplyResult, BrokerRejected, BrokerUnavailable, HookBrokerAdapter
+from .brokers.base import ApplyResult, BrokerRejected, BrokerUnavailable
+from .brokers.hook_adapter import HookBrokerAdapter
 from .brokers.render import DeviceRow, RenderedPolicy, passwd_drift, policy_render
 from .models import BrokerState, DeviceCredential, EnforcementChange
 from .permissions import require
@@ -255,8 +257,18 @@ def enforcement_enqueue(*, kind: str, client_id: str = "", summary: str = "", ac
         summary=summary,
         requested_by=actor if getattr(actor, "is_authenticated", False) else None,
     )
+    if settings.BROKER_BACKEND != "mosquitto":
+        # The hook answers from the decision cache: once the change is committed, no cached answer about it is used.
+        transaction.on_commit(lambda: _invalidate_decisions([client_id]))
     transaction.on_commit(lambda: _enqueue_apply(apply_enforcement, change.pk))
     return change
+
+
+def _invalidate_decisions(client_ids: list[str]) -> None:
+    try:
+        decision_cache.invalidate_changes(client_ids)
+    except decision_cache.CacheUnavailable:  # the outbox's apply invalidates again, and stays pending until it can
+        logger.warning("could not invalidate the decision cache for %s; the outbox will", client_ids)
 
 
 def _enqueue_apply(task, change_id: int) -> None:
@@ -518,13 +530,27 @@ def _apply_through_hook(
         .values_list("client_id", flat=True)
         .distinct()
     )
+    invalidated_at = time.monotonic()
+    try:
+        decision_cache.invalidate_changes(client_ids)
+    except decision_cache.CacheUnavailable as exc:
+        # The hook falls back to the database meanwhile; the sessions are still ended now, and the rows stay
+        # pending until the invalidation got through (a stale answer must never outlive its change).
+        cache_error = str(exc)
+    else:
+        cache_error = ""
+    invalidated_ms = round((time.monotonic() - invalidated_at) * 1000, 1)
     try:
         result = adapter.apply(client_ids)
     except BrokerUnavailable as exc:
         _note_attempt(up_to_id=up_to_id, error=str(exc))
         _record_state(state=state, error=str(exc), reachable=False)
         raise
-    result.timings = {"path": "hook", "entered_at": entered_at, **result.timings}
+    if cache_error:
+        _note_attempt(up_to_id=up_to_id, error=cache_error)
+        _record_state(state=state, error=cache_error, reachable=True)
+        raise BrokerUnavailable(cache_error)
+    result.timings = {"path": "hook", "entered_at": entered_at, "invalidate_ms": invalidated_ms, **result.timings}
     _note_attempt(up_to_id=up_to_id, error="")
     _settle(up_to_id=up_to_id, result=result)
     probe_error = "" if result.probe is None or result.probe.ok else f"probe failed: {result.probe.error}"

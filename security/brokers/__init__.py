@@ -11,7 +11,8 @@ from django.utils.module_loading import import_string
 
 from security.enforcement.state import consumer_usernames
 
-from .base import BrokerAdapter, BrokerError, BrokerRejected, BrokerUnavailable, HookBrokerAdapter  # noqa: F401
+from .base import BrokerAdapter, BrokerError, BrokerRejected, BrokerUnavailable  # noqa: F401
+from .hook_adapter import HookBrokerAdapter
 from .render import COMMANDER, CONSUMER, MONITOR, PROBE, SESSIONS, SESSIONS_USERNAME, BrokerConfig, ConsoleIdentity
 
 
@@ -70,9 +71,11 @@ def console_identities() -> list[ConsoleIdentity]:
 
 def get_adapter() -> BrokerAdapter | HookBrokerAdapter:
     """The adapter for settings.BROKER_BACKEND: MQTT_BROKER_ADAPTER for Mosquitto (the rendered files), the
-    HTTP-hook adapter for RabbitMQ."""
+    HTTP-hook adapters for RabbitMQ and EMQX."""
     if settings.BROKER_BACKEND == "rabbitmq":
         return import_string("security.brokers.rabbitmq.RabbitMQCluster")()
+    if settings.BROKER_BACKEND == "emqx":
+        return import_string("security.brokers.emqx.EMQXCluster")()
     adapter_class = import_string(settings.MQTT_BROKER_ADAPTER)
     return adapter_class(
         broker_config(with_tls=False),

@@ -109,7 +109,7 @@ def files_digest_bytes(*, config: bytes, passwd: bytes, acl: bytes) -> str:
     return digest.hexdigest()
 
 
-def _ms_since(started: float) -> float:
+def ms_since(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 1)
 
 
@@ -170,7 +170,7 @@ class BrokerAdapter(abc.ABC):
         timings: dict = {}
         started = time.monotonic()
         written = self.write(policy)
-        timings["write_ms"] = _ms_since(started)
+        timings["write_ms"] = ms_since(started)
         process = self.process()
         if process is None:
             raise BrokerUnavailable("The broker is not running (no live process behind its pid file).")
@@ -192,7 +192,7 @@ class BrokerAdapter(abc.ABC):
             self.reload()
             reloaded = True
             result = self.probe(policy)
-        timings["probe_ms"] = _ms_since(probe_started)
+        timings["probe_ms"] = ms_since(probe_started)
         return ApplyResult(
             digest=policy.digest,
             written=written,
@@ -201,34 +201,3 @@ class BrokerAdapter(abc.ABC):
             probe=result,
             timings=timings,
         )
-
-
-class HookBrokerAdapter(abc.ABC):
-    """A broker that asks the console at every connect, publish and subscribe (an HTTP auth hook answered from the
-    enforcement core, security/enforcement/): nothing is written or reloaded, a change of desired state is in force
-    for every new question at once. What is left to do is what a hook cannot: end the live sessions whose rights
-    changed, forget what a revoked identity left behind, and prove the broker asks (design.md's verbs)."""
-
-    name: str = "hook"
-
-    @abc.abstractmethod
-    def apply(self, client_ids: list[str]) -> ApplyResult:
-        """Make the broker enforce the changed identities: end their live sessions (a live connection keeps the
-        rights it was granted), then the canary. Raises BrokerUnavailable when the broker cannot be reached."""
-
-    @abc.abstractmethod
-    def verify_action(self, *, action: str, client_id: str) -> tuple[bool, dict]:
-        """Is ``action`` (revoke, quarantine, reinstate) what the broker enforces for ``client_id`` now?
-        Returns (ok, evidence)."""
-
-    @abc.abstractmethod
-    def disconnect(self, usernames: list[str]) -> dict[str, str]:
-        """End every live session of these identities, wherever they are connected."""
-
-    @abc.abstractmethod
-    def purge(self, usernames: list[str]) -> dict[str, str]:
-        """Forget the queued messages these identities' sessions left on the broker."""
-
-    @abc.abstractmethod
-    def capabilities(self) -> dict:
-        """What this broker can and cannot do (refusal form, kick, MQTT 5, TLS client certificates, ...)."""

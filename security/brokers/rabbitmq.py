@@ -10,14 +10,13 @@ closes the client's connection (MQTT 3.1.1 has no per-message refusal). A deny d
 already open, and a live connection keeps the topic rights it was granted: every change of rights ends the
 session through the management API (``disconnect``).
 
-The hook is an attack surface: its URL carries BROKER_HOOK_SECRET (compared in constant time), it keeps no
-session, answers ``deny`` to anything malformed, oversized or unexpected, and never ``allow`` on an error.
+The HTTP side (the broker's secret, body limits, rate limit, events) is security/brokers/hook.py; this module is
+the dialect: the form fields in, the core's decision, ``allow`` or ``deny`` out.
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import logging
 import secrets
@@ -25,22 +24,18 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import Counter
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
-from django.views.decorators.csrf import csrf_exempt
 
-from security.enforcement import decisions
+from security.enforcement import cache, decisions, events
 from security.enforcement.state import identity_desired
 
-from .base import ApplyResult, BrokerUnavailable, HookBrokerAdapter, ProbeResult
-from .mqtt_client import connect_code
+from .base import ApplyResult, BrokerUnavailable
+from .hook_adapter import HookBrokerAdapter
 
 log = logging.getLogger(__name__)
 
 CHECKS = ("user", "vhost", "resource", "topic")
-MAX_BODY_BYTES = 4096
 EXCHANGE = "amq.topic"  # where rabbitmq_mqtt publishes and binds
 # rabbitmq_mqtt's queue for a client's subscriptions, per QoS: mqtt-subscription-<client id>qos0 / qos1.
 SUBSCRIPTION_QUEUE_PREFIX = "mqtt-subscription-"
@@ -55,27 +50,13 @@ CAPABILITIES = {
     "rights_change_needs_reconnect": True,  # topic decisions are cached per connection
 }
 
-# Denials answered by this process, by reason (the hook's own counters; detection's events() is still to come).
-denials: Counter[str] = Counter()
 
-
-def _answer(decision: decisions.Decision, *, check: str, fields: dict) -> HttpResponse:
-    if not decision.allow:
-        denials[decision.reason] += 1
-        log.info(
-            "broker hook denied %s: %s (username=%r client_id=%r ip=%r topic=%r)",
-            check,
-            decision.reason,
-            fields.get("username", "")[:128],
-            fields.get("client_id", "")[:128],
-            fields.get("ip", ""),
-            fields.get("routing_key", "")[:256],
-        )
-    return HttpResponse(b"allow" if decision.allow else b"deny", content_type="text/plain")
-
-
-def _deny(reason: str, *, check: str, fields: dict | None = None) -> HttpResponse:
-    return _answer(decisions.Decision(False, reason), check=check, fields=fields or {})
+def answer_bytes(decision: decisions.Decision) -> tuple[str, str, bytes]:
+    """The HTTP answer RabbitMQ's backend reads: the body ``allow`` or ``deny`` (a request without the broker's
+    secret gets a 403, which RabbitMQ also reads as a refusal)."""
+    if decision.reason == "broker_secret":
+        return "403 Forbidden", "text/plain", b"deny"
+    return "200 OK", "text/plain", b"allow" if decision.allow else b"deny"
 
 
 def routing_key_to_topic(routing_key: str) -> str:
@@ -85,19 +66,42 @@ def routing_key_to_topic(routing_key: str) -> str:
     return routing_key.replace(".", "/").replace("*", "+")
 
 
-def _decide(check: str, fields: dict) -> decisions.Decision:
-    username = fields.get("username", "")
-    client_id = fields.get("client_id", "") or fields.get("variable_map.client_id", "")
+def decide(check: str, body: bytes, *, content_type: str = "") -> tuple[decisions.Decision, dict]:
+    """One question of RabbitMQ's HTTP backend (a form-encoded body) answered by the core, and what the event about
+    a refusal says (username, client id, source address, topic, permission)."""
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
+    except (UnicodeDecodeError, ValueError):
+        return decisions.Decision(False, "malformed"), {}
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        return decisions.Decision(False, "malformed"), {}  # a field twice: which one would the broker mean?
+    said = {
+        "username": fields.get("username", ""),
+        "client_id": fields.get("client_id", "") or fields.get("variable_map.client_id", ""),
+        "ip": fields.get("ip", ""),
+        "topic": routing_key_to_topic(fields.get("routing_key", "")) if check == "topic" else fields.get("name", ""),
+        "permission": fields.get("permission", ""),
+    }
+    if check not in CHECKS:
+        return decisions.Decision(False, "malformed"), said
+    return _decide(check, fields, said), said
+
+
+def _decide(check: str, fields: dict, said: dict) -> decisions.Decision:
+    username, client_id = said["username"], said["client_id"]
     if not username:
         return decisions.Decision(False, "malformed")
     if check == "user":
         if not client_id:
             # Only MQTT logins carry a client id: a device secret presented on AMQP or to the management UI is refused.
             return decisions.Decision(False, "not_mqtt")
+        if events.too_many_failures(username):
+            return decisions.Decision(False, "too_many_failures")
         return decisions.connect_decision(
-            identity_desired(username), username=username, password=fields.get("password", ""), client_id=client_id
+            cache.identity(username), username=username, password=fields.get("password", ""), client_id=client_id
         )
-    identity = identity_desired(username)
+    identity = cache.identity(username)
     session = decisions.session_decision(identity, client_id=client_id)
     if not session:
         return session
@@ -112,12 +116,11 @@ def _decide(check: str, fields: dict) -> decisions.Decision:
         or fields.get("vhost") != settings.RABBITMQ_VHOST
     ):
         return decisions.Decision(False, "malformed")
-    topic = routing_key_to_topic(fields.get("routing_key", ""))
     permission = fields.get("permission")
     if permission == "write":
-        return decisions.publish_decision(identity, client_id=client_id, topic=topic)
+        return decisions.publish_decision(identity, client_id=client_id, topic=said["topic"])
     if permission == "read":
-        return decisions.subscribe_decision(identity, client_id=client_id, topic_filter=topic)
+        return decisions.subscribe_decision(identity, client_id=client_id, topic_filter=said["topic"])
     return decisions.Decision(False, "malformed")
 
 
@@ -133,36 +136,6 @@ def _resource_decision(client_id: str, fields: dict) -> decisions.Decision:
     if resource == "queue" and name in own_queues and permission in ("configure", "read", "write"):
         return decisions.ALLOW
     return decisions.Decision(False, "resource_denied")
-
-
-@csrf_exempt
-def auth_hook(request: HttpRequest, secret: str, check: str) -> HttpResponse:
-    """POST /broker-hook/rabbitmq/<secret>/<user|vhost|resource|topic>: the body ``allow`` or ``deny``."""
-    expected = settings.BROKER_HOOK_SECRET
-    if not expected or not hmac.compare_digest(secret.encode(), expected.encode()):
-        denials["broker_secret"] += 1
-        log.warning("broker hook: a request with a wrong secret from %s", request.META.get("REMOTE_ADDR"))
-        return HttpResponse(b"deny", status=403, content_type="text/plain")
-    if check not in CHECKS:
-        return _deny("malformed", check=check)
-    if request.method != "POST":
-        return _deny("malformed", check=check)
-    try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        return _deny("malformed", check=check)
-    if length > MAX_BODY_BYTES:
-        return _deny("oversized", check=check)
-    try:
-        fields = {key: value for key, value in request.POST.items()}
-    except Exception:  # noqa: BLE001 - a body Django cannot parse is a deny, never an error page
-        return _deny("malformed", check=check)
-    try:
-        decision = _decide(check, fields)
-    except Exception:  # never allow on an error
-        log.exception("broker hook: %s failed; answering deny", check)
-        return _deny("error", check=check, fields=fields)
-    return _answer(decision, check=check, fields=fields)
 
 
 # --- the management API ----------------------------------------------------------------------------------------
@@ -259,9 +232,6 @@ class RabbitMQCluster(HookBrokerAdapter):
         self.port = port or settings.RABBITMQ_MQTT_PORT
         self.timeout = timeout or settings.MQTT_PROBE_TIMEOUT
 
-    def _connect_code(self, username: str, password: str) -> int:
-        return connect_code(self.host, self.port, username=username, password=password, timeout=self.timeout)
-
     def capabilities(self) -> dict:
         return dict(CAPABILITIES)
 
@@ -276,25 +246,6 @@ class RabbitMQCluster(HookBrokerAdapter):
             return purge(usernames)
         except ManagementUnavailable as exc:
             raise BrokerUnavailable(f"No RabbitMQ management API answered: {exc}") from exc
-
-    def probe(self) -> ProbeResult:
-        """The console's probe identity logs in through the cluster with its secret (the hook said allow) and with a
-        random one (the hook said deny)."""
-        started = time.monotonic()
-        result = ProbeResult(generation_loaded=True)  # nothing is loaded: every question is asked afresh
-        try:
-            allowed = self._connect_code(settings.MQTT_PROBE_USERNAME, settings.MQTT_PROBE_PASSWORD)
-            refused = self._connect_code(settings.MQTT_PROBE_USERNAME, secrets.token_urlsafe(24))
-        except BrokerUnavailable as exc:
-            result.error = str(exc)
-            raise
-        result.allowed_delivered = allowed == 0
-        result.refused_credential_refused = refused != 0
-        result.ok = result.allowed_delivered and result.refused_credential_refused
-        if not result.ok:
-            result.error = f"canary through the hook: own secret answered {allowed}, a random one {refused}"
-        result.duration_ms = round((time.monotonic() - started) * 1000, 1)
-        return result
 
     def apply(self, client_ids: list[str]) -> ApplyResult:
         started = time.monotonic()
@@ -320,7 +271,7 @@ class RabbitMQCluster(HookBrokerAdapter):
         live = live_connections_or_unknown(client_id)
         evidence["live_connections"] = live
         if action == "revoke":
-            code = self._connect_code(client_id, secrets.token_urlsafe(24))
+            code = self.connect_code(client_id, secrets.token_urlsafe(24))
             evidence["connect_attempt"] = {"username": client_id, "password": "random, never issued", "code": code}
             evidence["desired"] = "may not connect"
             ok = code != 0 and (identity is None or not identity.may_connect) and live == 0

@@ -3,11 +3,9 @@ the RabbitMQ hook's answers to what the broker posts (security/brokers/rabbitmq.
 The same rules against a real RabbitMQ node: tests/security/test_rabbitmq.py."""
 
 import pytest
-from django.conf import settings
 
 from devices.models import Device
 from security import services
-from security.brokers.rabbitmq import routing_key_to_topic
 from security.enforcement import decisions
 from security.enforcement.policy import covers, device_identity, is_valid_filter, pattern_matches
 from security.enforcement.secrets import hash_secret
@@ -144,64 +142,3 @@ def test_the_desired_state_follows_the_database(operator, support):
     )
     assert identity_desired("not-a-device-name") is None  # outside the prefix rule: never looked up
     assert identity_desired("device-nobody") is None
-
-
-def test_routing_keys_map_back_to_mqtt_topics():
-    assert routing_key_to_topic("tx.device-a.telemetry") == "tx/device-a/telemetry"
-    assert routing_key_to_topic("rx.device-a.#") == "rx/device-a/#"
-    assert routing_key_to_topic("rx.*.command") == "rx/+/command"
-
-
-# --- the hook's answers, through Django's test client ------------------------------------------------------------
-
-
-def hook(client, check, secret=None, **fields):
-    return client.post(f"/broker-hook/rabbitmq/{secret or settings.BROKER_HOOK_SECRET}/{check}", fields)
-
-
-@pytest.fixture
-def hook_device(db, operator):
-    row = DeviceFactory(client_id="device-hook-1")
-    return services.credential_issue(actor=operator, device=row).password
-
-
-def test_the_hook_allows_exactly_what_the_core_allows(client, hook_device):
-    login = {"username": "device-hook-1", "vhost": "/", "client_id": "device-hook-1"}
-    assert hook(client, "user", password=hook_device, **login).content == b"allow"
-    assert hook(client, "user", password="wrong", **login).content == b"deny"
-    assert hook(client, "user", password=hook_device, **{**login, "client_id": "device-other"}).content == b"deny"
-    assert hook(client, "user", username="device-hook-1", password=hook_device).content == b"deny"  # AMQP: no client id
-    assert hook(client, "vhost", ip="127.0.0.1", **login).content == b"allow"
-    assert hook(client, "vhost", ip="127.0.0.1", **{**login, "vhost": "other"}).content == b"deny"
-    queue = {"resource": "queue", "permission": "configure", **login}
-    assert hook(client, "resource", name="mqtt-subscription-device-hook-1qos1", **queue).content == b"allow"
-    assert hook(client, "resource", name="mqtt-subscription-device-otherqos1", **queue).content == b"deny"
-    exchange = {"resource": "exchange", "name": "amq.topic", **login}
-    assert hook(client, "resource", permission="write", **exchange).content == b"allow"
-    assert hook(client, "resource", permission="configure", **exchange).content == b"deny"
-    topic = {"resource": "topic", "name": "amq.topic", "username": "device-hook-1", "vhost": "/"}
-    topic["variable_map.client_id"] = "device-hook-1"
-    assert (
-        hook(client, "topic", permission="write", routing_key="tx.device-hook-1.telemetry", **topic).content == b"allow"
-    )
-    assert (
-        hook(client, "topic", permission="write", routing_key="tx.device-other.telemetry", **topic).content == b"deny"
-    )
-    assert hook(client, "topic", permission="read", routing_key="rx.device-hook-1.#", **topic).content == b"allow"
-    assert hook(client, "topic", permission="read", routing_key="#", **topic).content == b"deny"
-    assert hook(client, "topic", permission="read", routing_key="$SYS.#", **topic).content == b"deny"
-
-
-def test_the_hook_denies_anything_malformed_and_refuses_a_wrong_broker_secret(client, hook_device):
-    login = {"username": "device-hook-1", "password": hook_device, "vhost": "/", "client_id": "device-hook-1"}
-    wrong = hook(client, "user", secret="not-the-secret", **login)
-    assert wrong.status_code == 403 and wrong.content == b"deny"
-    assert hook(client, "nonsense", **login).content == b"deny"
-    assert client.get(f"/broker-hook/rabbitmq/{settings.BROKER_HOOK_SECRET}/user", login).content == b"deny"
-    assert hook(client, "user", **{**login, "padding": "x" * 10_000}).content == b"deny"  # oversized
-    assert hook(client, "topic", username="device-hook-1").content == b"deny"  # missing fields
-    assert hook(client, "user").content == b"deny"
-    garbage = client.post(
-        f"/broker-hook/rabbitmq/{settings.BROKER_HOOK_SECRET}/user", data=b"\xff\xfe%%%", content_type="text/plain"
-    )
-    assert garbage.status_code == 200 and garbage.content == b"deny"

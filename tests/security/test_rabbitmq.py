@@ -16,11 +16,12 @@ from security import revocation, services
 from security.brokers import rabbitmq
 from security.brokers.base import BrokerUnavailable
 from security.brokers.rabbitmq_local import RabbitCluster
+from security.enforcement import cache, events
 from security.models import AuditEvent, DeviceAction, EnforcementChange
 from tests.factories import DeviceFactory
 from tests.security.test_revocation import api
 from tests.support.broker import MqttClient
-from tests.support.waiting import wait_until
+from tests.support.hook import HookServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -29,15 +30,20 @@ MANAGEMENT_PASSWORD = uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
-def cluster(live_server):
+def cluster():
+    hook = HookServer().start()
     cluster = RabbitCluster(
-        2,
-        hook_url=f"{live_server.url}/broker-hook/rabbitmq/{settings.BROKER_HOOK_SECRET}",
-        management_user=MANAGEMENT_USER,
-        management_password=MANAGEMENT_PASSWORD,
+        2, hook_url=hook.url("rabbitmq"), management_user=MANAGEMENT_USER, management_password=MANAGEMENT_PASSWORD
     ).start()
     yield cluster
     cluster.stop()
+    hook.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions():
+    """A new database for each test, the same Redis: no cached answer from an earlier test is used."""
+    cache.invalidate_all()
 
 
 @pytest.fixture
@@ -50,6 +56,7 @@ def broker(cluster, settings):
 
     roles_sync(apps)  # a transactional test before this one flushed the tables, roles included
     node_a = cluster.nodes[0]
+    settings.BROKER_BACKEND = "rabbitmq"  # the hook answers only the broker the console enforces through
     settings.RABBITMQ_MANAGEMENT_URLS = [node_a.management_url]
     settings.RABBITMQ_MANAGEMENT_USER = MANAGEMENT_USER
     settings.RABBITMQ_MANAGEMENT_PASSWORD = MANAGEMENT_PASSWORD
@@ -70,6 +77,7 @@ def broker(cluster, settings):
     yield node_a
     for made in clients:
         made.close()
+    celery_app.control.purge()  # the changes' commits queued apply tasks: no worker runs in this module
 
 
 def device_with_secret(operator, client_id):
@@ -179,12 +187,19 @@ def test_quarantine_after_the_kick_keeps_exactly_the_repair_path(broker, operato
     assert f"telemetry {nonce}".encode() not in reader.payloads()
 
 
-def test_the_hooks_denials_are_counted_by_reason(broker, operator):
+def test_what_the_cluster_asked_and_the_hook_refused_is_an_event_for_detection(broker, operator):
     _, secret = device_with_secret(operator, "device-rq-c")
-    before = rabbitmq.denials["bad_secret"]
-    client = broker.client("device-rq-c", "device-rq-c", "wrong")
-    assert client.connect() != 0
-    assert wait_until(lambda: rabbitmq.denials["bad_secret"] > before, timeout=5)
+    start = events.latest_id()
+    assert broker.client("device-rq-c", "device-rq-c", "wrong").connect() != 0
+    device = broker.client("device-rq-c", "device-rq-c", secret, node=1)
+    assert device.connect() == 0
+    device.client.publish("tx/device-rq-z/telemetry", "forged", qos=1)  # no PUBACK comes
+    assert device.wait_disconnected(5)
+    kinds = [(e.check, e.kind, e.username, e.topic) for e in events.read(start)]
+    assert kinds == [
+        ("user", "bad_secret", "device-rq-c", ""),
+        ("topic", "publish_denied", "device-rq-c", "tx/device-rq-z/telemetry"),
+    ]
 
 
 # --- BROKER_BACKEND=rabbitmq: the API's revocation through the outbox, the kick and the verifier -------------------
@@ -193,10 +208,8 @@ def test_the_hooks_denials_are_counted_by_reason(broker, operator):
 @pytest.fixture
 def hook_backend(broker, settings):
     """The console enforcing through the cluster: its canary and verifier log in at node A."""
-    settings.BROKER_BACKEND = "rabbitmq"
     settings.RABBITMQ_MQTT_HOST, settings.RABBITMQ_MQTT_PORT = "127.0.0.1", broker.mqtt_port
-    yield broker
-    celery_app.control.purge()  # the API's commits queued apply tasks that this test ran itself
+    return broker
 
 
 def test_an_api_revocation_drops_the_device_on_node_b_and_is_verified(hook_backend, operator, support):
