@@ -1,7 +1,8 @@
 """The cluster adapter (issue 15): connects per second through the console's HTTP auth hook, against the same
 two-node RabbitMQ cluster with its own internal user store, in one run (design.md: the hook at least half).
 
-The hook is the console as production serves it: gunicorn (threaded workers, keep-alive) with the bench database.
+The hook is served as production serves it: gunicorn (threaded workers, keep-alive) running fleet.hook_wsgi, the
+bench database behind its decision cache (a throwaway Redis). The first round meets a cold cache.
 Connects are raw MQTT 3.1.1 CONNECTs from one thread (bench/mqtt_raw.py), a bounded number in flight, all to node A.
 """
 
@@ -22,7 +23,7 @@ from fleet.ports import free_port, wait_for_port
 
 from .broker import devices_create, record
 from .mqtt_raw import close_all, connect_many
-from .processes import ROOT
+from .processes import ROOT, Redis
 
 MANAGEMENT_USER = "fleetkeeper-bench"
 
@@ -70,9 +71,10 @@ def _import_internal_users(node, count: int, password_for) -> None:
 
 
 class HookServer:
-    """gunicorn serving the console (and so the hook) on a free port, against the bench's database and var/."""
+    """gunicorn serving the hook's own WSGI application (fleet.hook_wsgi) on a free port, as production runs it,
+    against the bench's database, with the decision cache in ``cache_url``."""
 
-    def __init__(self, *, workers: int = 2, threads: int = 8):
+    def __init__(self, *, cache_url: str, workers: int = 2, threads: int = 8):
         self.port = free_port()
         self.log_path = os.path.join(os.environ["FLEET_VAR_DIR"], "gunicorn.log")
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
@@ -91,10 +93,10 @@ class HookServer:
                 str(threads),
                 "--keep-alive",
                 "30",
-                "fleet.wsgi",
+                "fleet.hook_wsgi:application",
             ],
             cwd=ROOT,
-            env={**os.environ, "DEBUG": "false", "ALLOWED_HOSTS": "127.0.0.1,localhost"},
+            env={**os.environ, "DEBUG": "false", "BROKER_BACKEND": "rabbitmq", "ENFORCEMENT_CACHE_URL": cache_url},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -129,10 +131,11 @@ def run(*, devices: int, rounds: int = 3, concurrency: int = 20) -> None:
         flush=True,
     )
     devices_create(0, devices, iterations=settings.MQTT_PASSWORD_ITERATIONS, name=_name, secret=_secret)
-    hook = HookServer()
+    redis_server = Redis()
+    hook = HookServer(cache_url=redis_server.url)
     cluster = RabbitCluster(
         2,
-        hook_url=f"http://127.0.0.1:{hook.port}/broker-hook/rabbitmq/{settings.BROKER_HOOK_SECRET}",
+        hook_url=f"http://127.0.0.1:{hook.port}/rabbitmq/{settings.BROKER_HOOK_SECRET}",
         management_user=MANAGEMENT_USER,
         management_password=secrets.token_urlsafe(16),
     )
@@ -163,4 +166,5 @@ def run(*, devices: int, rounds: int = 3, concurrency: int = 20) -> None:
     finally:
         cluster.stop()
         hook.stop()
+        redis_server.stop()
         time.sleep(0.1)

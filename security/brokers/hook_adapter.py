@@ -9,6 +9,8 @@ import time
 
 from django.conf import settings
 
+from security.enforcement import events as hook_events
+
 from .base import ApplyResult, ProbeResult, ms_since
 from .mqtt_client import connect_code
 
@@ -43,6 +45,17 @@ class HookBrokerAdapter(abc.ABC):
             result.error = f"canary through the hook: own secret answered {allowed}, a random one {refused}"
         result.duration_ms = ms_since(started)
         return result
+
+    def events(self, after: str = "$", *, count: int = 1000) -> list[hook_events.BrokerEvent]:
+        """What the hook refused since the event id ``after`` ("$": nothing yet, "0": all kept), oldest first: the
+        broker's own word on authentication failures, denied publishes and subscribes and client-id misuse."""
+        if after == "$":
+            return []
+        return hook_events.read(after, count=count)
+
+    def events_start(self) -> str:
+        """Where a reader that wants only what comes next begins."""
+        return hook_events.latest_id()
 
     @abc.abstractmethod
     def apply(self, client_ids: list[str]) -> ApplyResult:

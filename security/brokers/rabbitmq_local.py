@@ -39,7 +39,7 @@ class RabbitNode:
         epmd_port: int | None = None,
         cookie: str | None = None,
     ):
-        """``hook_url``: the console's hook up to the check name, e.g. http://127.0.0.1:8000/broker-hook/rabbitmq/<s>.
+        """``hook_url``: the console's hook up to the check name, e.g. http://127.0.0.1:8010/rabbitmq/<s>.
         Nodes of one cluster share ``epmd_port`` and ``cookie`` (``RabbitCluster`` sees to it)."""
         self.dir = Path(tempfile.mkdtemp(prefix="fleetkeeper-rabbitmq-"))
         self.name = f"fk-{uuid.uuid4().hex[:8]}@localhost"
@@ -115,6 +115,8 @@ log.file.level = info
 
     def start(self, timeout: float = 90.0) -> RabbitNode:
         self._write_config()
+        # A restarted node (stop(keep_dir=True)) finds its old pid file: `rabbitmqctl wait` would wait on that pid.
+        (self.dir / "node.pid").unlink(missing_ok=True)
         self._out = (self.dir / "server.out").open("a")
         self.proc = subprocess.Popen(
             [str(self.sbin / "rabbitmq-server")], env=self.env(), stdout=self._out, stderr=subprocess.STDOUT

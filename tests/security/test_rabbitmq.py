@@ -17,11 +17,13 @@ from security.brokers import rabbitmq
 from security.brokers.base import BrokerUnavailable
 from security.brokers.rabbitmq_local import RabbitCluster
 from security.enforcement import cache, events
-from security.models import AuditEvent, DeviceAction, EnforcementChange
+from security.detection.hook_monitor import HookEventMonitor
+from security.models import Alert, AuditEvent, DeviceAction, EnforcementChange
 from tests.factories import DeviceFactory
 from tests.security.test_revocation import api
 from tests.support.broker import MqttClient
 from tests.support.hook import HookServer
+from tests.support.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -269,3 +271,76 @@ def test_management_api_down_delays_the_kick_and_loses_nothing(hook_backend, ope
     change.refresh_from_db()
     assert change.state == "applied"
     assert session.wait_disconnected(5)
+
+
+def test_the_clusters_refusals_raise_alerts_through_the_adapters_events(hook_backend, operator, settings):
+    """Detection on a hook broker: what the hook refused (adapter.events()) becomes the alerts Mosquitto's log
+    lines raise: brute force against one username, a publish outside the device's own topics, client-id misuse."""
+    settings.DETECTION_AUTH_FAILURES_BRUTE_FORCE = 3
+    _, secret = device_with_secret(operator, "device-rq-det")
+    monitor = HookEventMonitor()
+    for _ in range(3):
+        assert hook_backend.client("device-rq-det", "device-rq-det", "guess").connect() != 0
+    assert hook_backend.client("device-rq-elsewhere", "device-rq-det", secret).connect() != 0
+    device = hook_backend.client("device-rq-det", "device-rq-det", secret, node=1)
+    assert device.connect() == 0
+    device.client.publish("tx/device-rq-victim/telemetry", "forged", qos=1)  # no PUBACK comes
+    assert device.wait_disconnected(5)
+    monitor.poll()
+    brute = Alert.objects.get(kind="auth_failures")
+    assert brute.evidence["brute_force"] is True and brute.evidence["username"] == "device-rq-det"
+    forged = Alert.objects.get(kind="publish_denied")
+    assert forged.device.client_id == "device-rq-det"
+    assert forged.evidence["samples"][0]["topic"] == "tx/device-rq-victim/telemetry"
+    assert Alert.objects.filter(kind="client_id_conflict", device__client_id="device-rq-det").exists()
+    assert monitor.poll() == []  # each event is read once
+
+
+@pytest.mark.soak
+def test_a_node_stopped_during_a_revocation_loses_nothing(cluster, hook_backend, operator, support):
+    """The console knows node A's management API; node A stops; a device on node B is revoked. The deny is in force
+    at once, the kick waits (pending, retried), and when node A returns the reconcile drops the session.
+
+    In `make soak`: a RabbitMQ 3.10 node that rejoins its cluster takes ~110 s to boot here (measured 2026-12-03)."""
+    _, secret = device_with_secret(operator, "device-rq-node")
+    session = hook_backend.client("device-rq-node", "device-rq-node", secret, node=1)
+    assert session.connect() == 0
+    node_a = cluster.nodes[0]
+    node_a.stop(keep_dir=True, keep_epmd=True)
+    try:
+        response = api(support).post("/api/v1/devices/device-rq-node/revoke/", {"reason": "stolen"}, format="json")
+        assert response.status_code == 202, response.content
+        with pytest.raises(BrokerUnavailable):
+            services.enforcement_apply(coalesce=False)
+        change = EnforcementChange.objects.get(pk=DeviceAction.objects.get(pk=response.json()["id"]).change_id)
+        assert change.state == "pending" and change.attempts == 1
+        assert session.is_connected  # nobody could kick it yet
+        assert hook_backend.client("device-rq-node", "device-rq-node", secret, node=1).connect() != 0
+    finally:
+        node_a.start(timeout=240)
+    services.broker_reconcile(trigger="test")
+    change.refresh_from_db()
+    assert change.state == "applied"
+    assert session.wait_disconnected(5)
+    for node in (0, 1):
+        assert hook_backend.client("device-rq-node", "device-rq-node", secret, node=node).connect() != 0
+
+
+def test_a_restarted_decision_cache_lets_no_revoked_device_in(hook_backend, operator, support, settings):
+    """The decision cache's Redis goes away while a device is revoked, and comes back empty (no persistence): the
+    database answered meanwhile, the cache answers afresh after, and the device never gets back in."""
+    server = RedisServer(free_port()).start()
+    try:
+        settings.ENFORCEMENT_CACHE_URL = server.url
+        _, secret = device_with_secret(operator, "device-rq-redis")
+        assert hook_backend.client("device-rq-redis", "device-rq-redis", secret).connect() == 0  # cached: allowed
+        server.stop(keep_dir=True)
+        response = api(support).post("/api/v1/devices/device-rq-redis/revoke/", {"reason": "stolen"}, format="json")
+        assert response.status_code == 202, response.content
+        assert hook_backend.client("device-rq-redis", "device-rq-redis", secret, node=1).connect() != 0
+        server.start()
+        assert hook_backend.client("device-rq-redis", "device-rq-redis", secret).connect() != 0
+        assert services.enforcement_apply(coalesce=False).probe.ok
+        assert hook_backend.client("device-rq-redis", "device-rq-redis", secret, node=1).connect() != 0
+    finally:
+        server.stop()
