@@ -14,9 +14,9 @@ new question is answered afresh at once), and the outbox's apply before it ends 
 invalidation leaves the change pending, and it is retried with the kick (design.md's "delays, never forgets").
 
 Redis for this cache must not persist to disk (``--save "" --appendonly no``, as ``make run`` and the tests start
-it; docker-compose's Redis keeps an append-only file for Celery, so point ENFORCEMENT_CACHE_URL elsewhere there): a snapshot restored after a restart could bring back counters that an invalidation had
-already moved on. Entries expire after ENFORCEMENT_CACHE_MAX_AGE seconds only to bound the memory; no answer
-depends on that expiry.
+it; docker-compose's Redis keeps an append-only file for Celery, so point ENFORCEMENT_CACHE_URL elsewhere there):
+a snapshot restored after a restart could bring back counters that an invalidation had already moved on. Entries
+expire after ENFORCEMENT_CACHE_MAX_AGE seconds only to bound the memory; no answer depends on that expiry.
 """
 
 from __future__ import annotations

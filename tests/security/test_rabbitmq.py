@@ -16,8 +16,8 @@ from security import revocation, services
 from security.brokers import rabbitmq
 from security.brokers.base import BrokerUnavailable
 from security.brokers.rabbitmq_local import RabbitCluster
-from security.enforcement import cache, events
 from security.detection.hook_monitor import HookEventMonitor
+from security.enforcement import cache, events
 from security.models import Alert, AuditEvent, DeviceAction, EnforcementChange
 from tests.factories import DeviceFactory
 from tests.security.test_revocation import api
