@@ -16,6 +16,10 @@ from fleet.ports import free_port
 _owner = os.environ.get("PYTEST_XDIST_WORKER", "main")
 if os.environ.get("FLEET_TEST_OWNER") != _owner:
     os.environ["FLEET_TEST_OWNER"] = _owner
+    if _owner.startswith("gw") and os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        # Each worker picks its ports from its own part of the range (fleet/ports.py).
+        os.environ["FLEET_PORT_SLICE"] = f"{_owner[2:]}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
+    os.environ.pop("FLEET_RESERVED_PORTS", None)
     os.environ["FLEET_VAR_DIR"] = tempfile.mkdtemp(prefix=f"fleetkeeper-test-var-{_owner}-")
     os.environ["FLEET_TEST_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
 os.environ["REDIS_URL"] = os.environ["FLEET_TEST_REDIS_URL"]

@@ -80,7 +80,7 @@ def operator_client(client, operator):
 import os  # noqa: E402
 import shutil as _shutil  # noqa: E402
 
-from fleet.ports import free_port  # noqa: E402
+from fleet.ports import free_port, reserve  # noqa: E402
 from tests.support.broker import MosquittoServer  # noqa: E402
 
 
@@ -88,7 +88,11 @@ from tests.support.broker import MosquittoServer  # noqa: E402
 def mqtt_test_settings(tmp_path_factory):
     from django.test.utils import override_settings
 
-    port, tls_port = free_port(), free_port()
+    # The broker stops and starts on these ports test after test: nothing else in this session may take them.
+    port = free_port()
+    reserve(port)
+    tls_port = free_port()
+    reserve(tls_port)
     broker_dir = tmp_path_factory.mktemp("mosquitto")
     os.environ.update(MQTT_PORT=str(port), MQTT_TLS_PORT=str(tls_port), MQTT_BROKER_DIR=str(broker_dir))
     override = override_settings(MQTT_PORT=port, MQTT_TLS_PORT=tls_port, MQTT_BROKER_DIR=broker_dir)
