@@ -177,13 +177,8 @@ class EMQXCluster(HookBrokerAdapter):
 
     name = "emqx"
 
-    def __init__(self, *, host: str | None = None, port: int | None = None, timeout: float | None = None):
-        self.host = host or settings.EMQX_MQTT_HOST
-        self.port = port or settings.EMQX_MQTT_PORT
-        self.timeout = timeout or settings.MQTT_PROBE_TIMEOUT
-
-    def capabilities(self) -> dict:
-        return dict(CAPABILITIES)
+    host_setting, port_setting = "EMQX_MQTT_HOST", "EMQX_MQTT_PORT"
+    capability_table = CAPABILITIES
 
     def disconnect(self, usernames: list[str]) -> dict[str, str]:
         try:

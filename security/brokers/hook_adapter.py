@@ -22,10 +22,20 @@ class HookBrokerAdapter(abc.ABC):
     changed, forget what a revoked identity left behind, and prove the broker asks (design.md's verbs)."""
 
     name: str = "hook"
-    # Where the console's own clients (the canary, the verifier) reach the broker's MQTT listener.
-    host: str
-    port: int
-    timeout: float
+    # The settings that say where the console's own clients (the canary, the verifier) reach the broker's MQTT
+    # listener, and what the broker can and cannot do (``capabilities``).
+    host_setting: str = ""
+    port_setting: str = ""
+    capability_table: dict = {}
+
+    def __init__(self, *, host: str | None = None, port: int | None = None, timeout: float | None = None):
+        self.host = host or getattr(settings, self.host_setting)
+        self.port = port or getattr(settings, self.port_setting)
+        self.timeout = timeout or settings.MQTT_PROBE_TIMEOUT
+
+    def capabilities(self) -> dict:
+        """What this broker can and cannot do (refusal form, kick, MQTT 5, TLS client certificates, ...)."""
+        return dict(self.capability_table)
 
     def connect_code(self, username: str, password: str) -> int:
         """The CONNACK code an MQTT login gets from the broker (0: accepted). Raises BrokerUnavailable."""
@@ -74,7 +84,3 @@ class HookBrokerAdapter(abc.ABC):
     @abc.abstractmethod
     def purge(self, usernames: list[str]) -> dict[str, str]:
         """Forget the queued messages these identities' sessions left on the broker."""
-
-    @abc.abstractmethod
-    def capabilities(self) -> dict:
-        """What this broker can and cannot do (refusal form, kick, MQTT 5, TLS client certificates, ...)."""

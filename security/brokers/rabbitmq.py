@@ -227,13 +227,8 @@ class RabbitMQCluster(HookBrokerAdapter):
 
     name = "rabbitmq"
 
-    def __init__(self, *, host: str | None = None, port: int | None = None, timeout: float | None = None):
-        self.host = host or settings.RABBITMQ_MQTT_HOST
-        self.port = port or settings.RABBITMQ_MQTT_PORT
-        self.timeout = timeout or settings.MQTT_PROBE_TIMEOUT
-
-    def capabilities(self) -> dict:
-        return dict(CAPABILITIES)
+    host_setting, port_setting = "RABBITMQ_MQTT_HOST", "RABBITMQ_MQTT_PORT"
+    capability_table = CAPABILITIES
 
     def disconnect(self, usernames: list[str]) -> dict[str, str]:
         try:
