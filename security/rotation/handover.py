@@ -192,7 +192,6 @@ def rotations_confirm(*, acks: list[tuple[str, str, str, str]]) -> dict:
     confirmed: list[tuple[int, str]] = []  # (id, client id)
     refused_ids: list[int] = []
     resend_ids: list[int] = []
-    now = timezone.now()
     with transaction.atomic():
         rows = []
         for chunk in _chunks(list(by_command), CHUNK):
@@ -201,6 +200,9 @@ def rotations_confirm(*, acks: list[tuple[str, str, str, str]]) -> dict:
                 .filter(command_id__in=chunk, state__in=[State.PENDING, State.DELIVERED])
                 .values("id", "client_id", "command_id")
             )
+        # Read the clock once the rows are locked: a delivery recorded while this waited for them has its time
+        # before the confirmation's (a confirmed_at earlier than delivered_at was seen in CI).
+        now = timezone.now()
         for row in rows:
             client_id, status, detail = by_command[row["command_id"]]
             if client_id != row["client_id"]:  # an ack for another device's command id: never
