@@ -218,7 +218,8 @@ def test_a_weak_broker_fails_exactly_the_checks_it_should(db, weak_broker):
     assert findings["device_publish_other"]["evidence"]["puback_reason"]
     assert findings["oversize_publish"]["evidence"]["delivered"] is True
     assert all(t.startswith("$SYS/broker/") for t in findings["wildcard_sys"]["evidence"]["delivered_topics"])
-    assert findings["wildcard_sys"]["evidence"]["delivered_count"] > 10
+    # The check collects what arrived by the first message: how many more came by then is timing (2 under CI load).
+    assert findings["wildcard_sys"]["evidence"]["delivered_count"] >= 1
     tls = findings["tls_old_versions"]["evidence"]["received"]
     assert tls["TLSv1.1"].startswith("accepted") and tls["TLSv1.0"].startswith("refused")  # Mosquitto 2 has no 1.0
     assert 4 < findings["tls_certificate_expiry"]["evidence"]["days_left"] < 5.1
