@@ -99,7 +99,12 @@ class MqttClient:
         tls: TlsFiles | None = None,
     ):
         self.port, self.host = port, host
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+        # No automatic reconnect: a client the broker dropped (a kick, a takeover, a denied publish) stays dropped
+        # until its test connects again. paho's loop would otherwise reconnect it a second later with the same
+        # client id and take over whatever session the test opened meanwhile with that id.
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, reconnect_on_failure=False
+        )
         if username is not None:
             self.client.username_pw_set(username, password)
         if tls is not None:
