@@ -417,17 +417,13 @@ RABBITMQ_MANAGEMENT_PASSWORD = env.str("RABBITMQ_MANAGEMENT_PASSWORD", default="
     "" if PRODUCTION else dev_secret("RABBITMQ_MANAGEMENT_PASSWORD")
 )
 RABBITMQ_VHOST = env.str("RABBITMQ_VHOST", default="/")
-# Where the console's own clients (the canary, the verifier) reach the cluster's MQTT listener (any node).
-RABBITMQ_MQTT_HOST = env.str("RABBITMQ_MQTT_HOST", default="127.0.0.1")
-RABBITMQ_MQTT_PORT = env.int("RABBITMQ_MQTT_PORT", default=1883)
 RABBITMQ_MANAGEMENT_TIMEOUT = env.float("RABBITMQ_MANAGEMENT_TIMEOUT", default=3.0)
-# EMQX 5: the REST API of every node (an API key with the right to kick and ban), and its MQTT listener.
+# EMQX 5: the REST API of every node (an API key with the right to kick and ban). Its MQTT listener, like any
+# broker's, is MQTT_HOST:MQTT_PORT.
 EMQX_API_URLS = env.list("EMQX_API_URLS", default=["http://127.0.0.1:18083"])
 EMQX_API_KEY = env.str("EMQX_API_KEY", default="fleetkeeper")
 EMQX_API_SECRET = env.str("EMQX_API_SECRET", default="") or ("" if PRODUCTION else dev_secret("EMQX_API_SECRET"))
 EMQX_API_TIMEOUT = env.float("EMQX_API_TIMEOUT", default=3.0)
-EMQX_MQTT_HOST = env.str("EMQX_MQTT_HOST", default="127.0.0.1")
-EMQX_MQTT_PORT = env.int("EMQX_MQTT_PORT", default=1883)
 # The hook's own listener (manage.py run_hook; gunicorn fleet.hook_wsgi in production): brokers only, never the
 # console's public port.
 BROKER_HOOK_HOST = env.str("BROKER_HOOK_HOST", default="127.0.0.1")

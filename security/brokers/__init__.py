@@ -82,3 +82,10 @@ def get_adapter() -> BrokerAdapter | HookBrokerAdapter:
         probe_username=settings.MQTT_PROBE_USERNAME,
         probe_timeout=settings.MQTT_PROBE_TIMEOUT,
     )
+
+
+def broker_capabilities() -> dict:
+    """What the configured broker can and cannot do (the adapter's ``capabilities()``): whether it speaks MQTT 5,
+    has shared subscriptions, where its refusals are read ("log": Mosquitto's $SYS log, "hook": the hook's events),
+    how it refuses, whether it can kick. The console's own clients ask this instead of knowing broker names."""
+    return get_adapter().capabilities()

@@ -48,6 +48,8 @@ CAPABILITIES = {
     "publish or subscribe ends the session (MQTT 5 clients get the reason code first)",
     "kick": True,  # DELETE /api/v5/clients/{clientid}, any node
     "mqtt5": True,
+    "shared_subscriptions": True,
+    "events": "hook",
     "tls_client_certificates": False,  # not wired by the console yet
     "oversize_disconnects": True,  # mqtt.max_packet_size: documented, not measured here
     "rights_change_needs_reconnect": True,  # authorization answers are cached per client
@@ -177,7 +179,6 @@ class EMQXCluster(HookBrokerAdapter):
 
     name = "emqx"
 
-    host_setting, port_setting = "EMQX_MQTT_HOST", "EMQX_MQTT_PORT"
     capability_table = CAPABILITIES
 
     def disconnect(self, usernames: list[str]) -> dict[str, str]:

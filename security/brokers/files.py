@@ -89,8 +89,26 @@ def _stat_key(path: Path) -> tuple[int, int, int] | None:
     return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
+CAPABILITIES = {
+    "name": "mosquitto",
+    "refusal": "a refused login gets CONNACK 'not authorized'; a denied publish gets PUBACK 0x87 (MQTT 5; MQTT 3.1.1 "
+    "acknowledges it as if delivered) and a denied subscribe SUBACK 0x80",
+    "kick": False,  # no kick: a reload re-authenticates every client and drops those whose credential went
+    "mqtt5": True,
+    "shared_subscriptions": True,  # $share/<group>/...: consumer replicas split the load
+    "events": "log",  # refusals are read from $SYS/broker/log/# (security/detection/monitor.py)
+    "tls_client_certificates": True,
+    "oversize_disconnects": True,  # max_packet_size
+    "rights_change_needs_reconnect": False,  # the reload applies new ACLs to live sessions
+}
+
+
 class MosquittoFiles(BrokerAdapter):
     name = "mosquitto-files"
+
+    def capabilities(self) -> dict:
+        """What Mosquitto can and cannot do, in the terms of the hook adapters (security/brokers/hook_adapter.py)."""
+        return dict(CAPABILITIES)
 
     def __init__(self, cfg: BrokerConfig, *, probe_username: str, probe_timeout: float = 3.0):
         self.cfg = cfg

@@ -22,15 +22,13 @@ class HookBrokerAdapter(abc.ABC):
     changed, forget what a revoked identity left behind, and prove the broker asks (design.md's verbs)."""
 
     name: str = "hook"
-    # The settings that say where the console's own clients (the canary, the verifier) reach the broker's MQTT
-    # listener, and what the broker can and cannot do (``capabilities``).
-    host_setting: str = ""
-    port_setting: str = ""
+    # What the broker can and cannot do (``capabilities``). Its MQTT listener, where the console's own clients (the
+    # canary, the verifier) log in, is MQTT_HOST:MQTT_PORT as for any broker.
     capability_table: dict = {}
 
     def __init__(self, *, host: str | None = None, port: int | None = None, timeout: float | None = None):
-        self.host = host or getattr(settings, self.host_setting)
-        self.port = port or getattr(settings, self.port_setting)
+        self.host = host or settings.MQTT_HOST
+        self.port = port or settings.MQTT_PORT
         self.timeout = timeout or settings.MQTT_PROBE_TIMEOUT
 
     def capabilities(self) -> dict:

@@ -45,6 +45,8 @@ CAPABILITIES = {
     "connection (MQTT 3.1.1)",
     "kick": True,  # the management API drops a session on any node
     "mqtt5": False,  # RabbitMQ 3.10; MQTT 5 comes with 3.13
+    "shared_subscriptions": False,  # no $share/ before 3.13: one consumer replica reads the fleet's telemetry
+    "events": "hook",  # refusals are the hook's events (security/enforcement/events.py)
     "tls_client_certificates": False,  # not wired by the console yet
     "oversize_disconnects": False,  # max_message_size drops the message but keeps the connection
     "rights_change_needs_reconnect": True,  # topic decisions are cached per connection
@@ -227,7 +229,6 @@ class RabbitMQCluster(HookBrokerAdapter):
 
     name = "rabbitmq"
 
-    host_setting, port_setting = "RABBITMQ_MQTT_HOST", "RABBITMQ_MQTT_PORT"
     capability_table = CAPABILITIES
 
     def disconnect(self, usernames: list[str]) -> dict[str, str]:

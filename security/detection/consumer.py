@@ -2,10 +2,13 @@
 
 Two MQTT clients, each with its own network thread:
 - the telemetry client logs in as a consumer identity and subscribes with shared subscriptions
-  (``$share/<group>/tx/+/telemetry|status|ack|csr``), so N replicas split the load. By default it is the lean
-  subscriber of ``wire.py`` (DETECTION_MQTT_CLIENT=lean: many PUBLISH frames parsed per socket read and folded under
-  one lock); ``paho`` keeps paho-mqtt's per-message callback;
-- the monitor client (paho; replica 1 only: the monitor identity is one session) reads ``$SYS/broker/log/#``.
+  (``$share/<group>/tx/+/telemetry|status|ack|csr``), so N replicas split the load; on a broker without them
+  (RabbitMQ 3.10, ``capabilities()["shared_subscriptions"]``) with plain ones, and one replica only. By default it is
+  the lean subscriber of ``wire.py`` (DETECTION_MQTT_CLIENT=lean: many PUBLISH frames parsed per socket read and
+  folded under one lock); ``paho`` keeps paho-mqtt's per-message callback;
+- the monitor client (paho; replica 1 only: the monitor identity is one session) reads ``$SYS/broker/log/#`` on
+  Mosquitto. On a broker that asks the hook (``capabilities()["events"] == "hook"``) there is no monitor client: replica
+  1 reads the hook's refusals through the adapter's ``events()`` once a second (hook_monitor.py).
 
 The telemetry network thread does O(1) work per message: it validates the message and folds it into the current
 per-device aggregate (counts, bytes, min/max per reading, last status). One processor thread swaps that aggregate out
@@ -35,9 +38,11 @@ from django.db import close_old_connections, connection
 
 from fleetkeeper_device import protocol
 from security import topics
+from security.brokers import broker_capabilities
 from security.enforcement.state import consumer_usernames
 
 from . import baseline, payloads, wire
+from .hook_monitor import HookEventMonitor
 
 log = logging.getLogger("fleetkeeper.consumer")
 
@@ -55,6 +60,7 @@ CHANNELS = (TELEMETRY, STATUS, ACK, CSR)
 # Answers to console messages (acks, CSRs) are handed, decoded, to the rotation inbox once per batch; at most this
 # many wait at a time (a device flooding acks cannot grow memory: the excess is counted and dropped).
 COMMAND_REPLIES_MAX = 50_000
+HOOK_EVENTS_POLL_SECONDS = 1.0  # how often replica 1 reads a hook broker's refusals
 LOG_TOPIC = "$SYS/broker/log/#"
 SUBSCRIBE_LOG = "$SYS/broker/log/M/subscribe"
 DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
@@ -116,6 +122,7 @@ class Stats:
     bad_topic: int = 0
     batches: int = 0
     log_lines: int = 0
+    broker_events: int = 0  # a hook broker's refusals read (events())
     lag_seconds: float = 0.0
     queued: int = 0
     last_batch_ms: float = 0.0
@@ -151,9 +158,17 @@ class Consumer:
                 "(raise it and re-sync the broker policy)"
             )
         self.username = names[self.replica - 1]
+        capabilities = broker_capabilities()
+        self.shared_subscriptions = bool(capabilities.get("shared_subscriptions"))
+        if not self.shared_subscriptions and len(names) > 1:
+            raise ValueError(
+                f"the {capabilities['name']} broker has no shared subscriptions: each replica would receive every "
+                f"message. Run one consumer (MQTT_CONSUMER_REPLICAS=1; it is {len(names)})"
+            )
         self.monitor_enabled = (
             (settings.DETECTION_MONITOR_ENABLED and self.replica == 1) if monitor is None else monitor
         )
+        self.events_source = capabilities.get("events", "log")
         self.detectors = detectors
         self.host = host or settings.MQTT_HOST
         self.port = port or settings.MQTT_PORT
@@ -204,18 +219,23 @@ class Consumer:
         )
         from .monitor import BrokerLogMonitor
 
-        self.monitor = BrokerLogMonitor(self) if self.monitor_enabled else None
+        self.monitor = BrokerLogMonitor(self) if self.monitor_enabled and self.events_source == "log" else None
+        self.hook_events: HookEventMonitor | None = None  # made at start, where the event stream's reading begins
+        self._hook_events_wanted = self.monitor_enabled and self.events_source == "hook"
+        self._hook_events_polled = 0.0
 
     # --- lifecycle
     def start(self) -> Consumer:
         self.payload_keys.refresh(force=True)
+        if self._hook_events_wanted:
+            self._poll_hook_events(force=True)
         if self.client_kind == "lean":
             self.subscriber = wire.Subscriber(
                 host=self.host,
                 port=self.port,
                 username=self.username,
                 password=settings.MQTT_CONSUMER_PASSWORD,
-                subscriptions=self.subscriptions(),
+                subscriptions=self.subscriptions(shared=self.shared_subscriptions),
                 on_publishes=self._on_publishes,
                 keepalive=30,
                 reconnect_max=settings.DETECTION_RECONNECT_MAX_SECONDS,
@@ -239,7 +259,11 @@ class Consumer:
         for client in self._clients:
             client.connect_async(self.host, self.port, keepalive=30)
             client.loop_start()
-        log.info("MQTT consumer %s started (monitor: %s)", self.username, bool(self.monitor))
+        log.info(
+            "MQTT consumer %s started (broker refusals from: %s)",
+            self.username,
+            "the broker log" if self.monitor else "the hook's events" if self._hook_events_wanted else "nowhere",
+        )
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -260,9 +284,10 @@ class Consumer:
         return up and (self.subscriber is None or self.subscriber.is_connected())
 
     @staticmethod
-    def subscriptions() -> list[tuple[str, int]]:
-        # QoS 1: status, ack and csr are published at QoS 1 and must not be lost; telemetry keeps its own QoS.
-        group = settings.MQTT_SHARED_SUBSCRIPTION_GROUP
+    def subscriptions(*, shared: bool = True) -> list[tuple[str, int]]:
+        """``shared``: through the broker's shared subscriptions (``$share/<group>/...``), so replicas split the load.
+        QoS 1: status, ack and csr are published at QoS 1 and must not be lost; telemetry keeps its own QoS."""
+        group = settings.MQTT_SHARED_SUBSCRIPTION_GROUP if shared else None
         return [(topics.fleet_tx_filter(channel, shared_group=group), 1) for channel in CHANNELS]
 
     def _client(self, username: str, password: str, on_connect) -> mqtt.Client:
@@ -284,7 +309,7 @@ class Consumer:
         if reason.is_failure:
             log.warning("consumer %s refused by the broker: %s", self.username, reason)
             return
-        client.subscribe(self.subscriptions())
+        client.subscribe(self.subscriptions(shared=self.shared_subscriptions))
 
     def _on_connect_monitor(self, client, _userdata, _flags, reason, _props) -> None:
         if reason.is_failure:
@@ -400,6 +425,8 @@ class Consumer:
             done += count
         if self.monitor is not None:
             self.monitor.tick()
+        if self._hook_events_wanted:
+            self._poll_hook_events()
         if self.pending.activity and time.time() - self.pending.last_flush >= self.db_flush_seconds:
             from .ingest import flush_pending
 
@@ -408,6 +435,23 @@ class Consumer:
         if not self._current_count:
             self.stats.lag_seconds = 0.0
         return done
+
+    def _poll_hook_events(self, *, force: bool = False) -> None:
+        """A hook broker's refusals since the last poll become alerts (at most once a second). While the event
+        stream's Redis is down nothing is read; the events wait in the stream and are read when it is back."""
+        now = time.monotonic()
+        if not force and now - self._hook_events_polled < HOOK_EVENTS_POLL_SECONDS:
+            return
+        self._hook_events_polled = now
+        try:
+            if self.hook_events is None:
+                self.hook_events = HookEventMonitor()
+                return
+            self.hook_events.poll()
+        except redis.RedisError as exc:
+            log.warning("cannot read the hook's events (%s); they wait in the stream", exc)
+            return
+        self.stats.broker_events = self.hook_events.read
 
     def _deliver_replies(self) -> None:
         from security.rotation.inbox import device_replies_received

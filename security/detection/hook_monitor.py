@@ -25,6 +25,7 @@ class HookEventMonitor:
             raise TypeError("HookEventMonitor reads a hook broker's events: BROKER_BACKEND is mosquitto")
         self.adapter = adapter
         self.after = adapter.events_start()
+        self.read = 0  # events read so far
         self.probe = settings.MQTT_PROBE_USERNAME
         self.auth = rules.AuthFailureRule(
             window=settings.DETECTION_AUTH_WINDOW_SECONDS,
@@ -37,6 +38,7 @@ class HookEventMonitor:
         found = self.adapter.events(self.after)
         if found:
             self.after = found[-1].id
+            self.read += len(found)
         findings = self.process(found)
         with_db_retry(lambda: raise_findings(findings))
         return findings

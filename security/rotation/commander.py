@@ -5,8 +5,10 @@ same username takes the first one over. So the console has one identity for comm
 write-only on the rx channels, rendered by security/brokers/render.py), and only one process uses it at a time: a
 Redis lock is held around a short-lived connection that publishes a whole chunk at QoS 1 and waits for every PUBACK.
 A chunk of 1,000 messages takes well under a second, so workers queue behind the lock briefly instead of kicking
-each other off the broker. MQTT 5 is used because a denied publish then gets a PUBACK with reason 0x87 (v3.1.1
-acknowledges it as if it were delivered, mosquitto-notes.md), so an ACL mistake shows as a failed delivery.
+each other off the broker. MQTT 5 is used where the broker speaks it (``capabilities()["mqtt5"]``), because a denied
+publish then gets a PUBACK with reason 0x87 (Mosquitto's v3.1.1 acknowledges it as if it were delivered,
+mosquitto-notes.md), so an ACL mistake shows as a failed delivery. RabbitMQ 3.10 speaks 3.1.1 only, and closes the
+connection on a denied publish: what was not acknowledged before that is reported as not delivered.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 import redis
 from django.conf import settings
+
+from security.brokers import broker_capabilities
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +103,9 @@ def _sealed(messages: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]],
 
 def _publish_locked(messages: list[tuple[str, bytes]], *, timeout: float) -> Outcome:
     username = settings.MQTT_COMMANDER_USERNAME
+    protocol = mqtt.MQTTv5 if broker_capabilities().get("mqtt5") else mqtt.MQTTv311
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv5, reconnect_on_failure=False
+        mqtt.CallbackAPIVersion.VERSION2, client_id=username, protocol=protocol, reconnect_on_failure=False
     )
     client.username_pw_set(username, settings.MQTT_COMMANDER_PASSWORD)
     client.max_inflight_messages_set(max(20, settings.MQTT_MAX_INFLIGHT_MESSAGES))
@@ -129,6 +134,8 @@ def _publish_locked(messages: list[tuple[str, bytes]], *, timeout: float) -> Out
 
     client.on_connect = on_connect
     client.on_publish = on_publish
+    # Dropped by the broker (RabbitMQ ends the connection on a denied publish): no more acknowledgements will come.
+    client.on_disconnect = lambda *_args: done.set()
     try:
         client.connect(settings.MQTT_HOST, settings.MQTT_PORT, keepalive=30)
     except OSError as exc:

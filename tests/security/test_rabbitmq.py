@@ -16,14 +16,18 @@ from security import revocation, services
 from security.brokers import rabbitmq
 from security.brokers.base import BrokerUnavailable
 from security.brokers.rabbitmq_local import RabbitCluster
+from security.detection.consumer import Consumer
 from security.detection.hook_monitor import HookEventMonitor
 from security.enforcement import cache, events
-from security.models import Alert, AuditEvent, DeviceAction, EnforcementChange
+from security.models import Alert, AuditEvent, DeviceAction, DeviceActivity, EnforcementChange
+from security.rotation import commander
 from tests.factories import DeviceFactory
+from tests.security.test_payload_encryption import telemetry
 from tests.security.test_revocation import api
 from tests.support.broker import MqttClient
 from tests.support.hook import HookServer
 from tests.support.servers import RedisServer
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -210,7 +214,7 @@ def test_what_the_cluster_asked_and_the_hook_refused_is_an_event_for_detection(b
 @pytest.fixture
 def hook_backend(broker, settings):
     """The console enforcing through the cluster: its canary and verifier log in at node A."""
-    settings.RABBITMQ_MQTT_HOST, settings.RABBITMQ_MQTT_PORT = "127.0.0.1", broker.mqtt_port
+    settings.MQTT_HOST, settings.MQTT_PORT = "127.0.0.1", broker.mqtt_port
     return broker
 
 
@@ -294,6 +298,48 @@ def test_the_clusters_refusals_raise_alerts_through_the_adapters_events(hook_bac
     assert forged.evidence["samples"][0]["topic"] == "tx/device-rq-victim/telemetry"
     assert Alert.objects.filter(kind="client_id_conflict", device__client_id="device-rq-det").exists()
     assert monitor.poll() == []  # each event is read once
+
+
+def test_the_consumer_reads_the_fleet_and_the_hooks_refusals_from_the_cluster(hook_backend, operator, settings):
+    """The console's consumer as the worker runs it, on a broker without shared subscriptions or a $SYS log: plain
+    subscriptions on node A receive what a device on node B publishes, and the hook's refusals become alerts with
+    nobody calling the monitor."""
+    settings.DETECTION_AUTH_FAILURES_BRUTE_FORCE = 3
+    _, secret = device_with_secret(operator, "device-rq-con")
+    running = Consumer(replica=1).start()
+    try:
+        assert wait_until(running.connected, 10), "the consumer never subscribed on the cluster"
+        assert running.monitor is None, "no $SYS log to read on RabbitMQ"
+        device = hook_backend.client("device-rq-con", "device-rq-con", secret, node=1)
+        assert device.connect() == 0
+        for seq in range(1, 6):
+            device.publish("tx/device-rq-con/telemetry", telemetry(seq))
+        assert wait_until(lambda: DeviceActivity.objects.filter(client_id="device-rq-con", telemetry=5).exists(), 10), (
+            "the telemetry published on node B never reached the console"
+        )
+        for _ in range(3):
+            assert hook_backend.client("device-rq-con", "device-rq-con", "guess").connect() != 0
+        assert wait_until(lambda: Alert.objects.filter(kind="auth_failures").exists(), 10)
+        assert Alert.objects.get(kind="auth_failures").evidence["username"] == "device-rq-con"
+        assert running.stats.broker_events >= 3
+    finally:
+        running.stop()
+
+
+def test_two_consumer_replicas_are_refused_on_a_broker_without_shared_subscriptions(hook_backend, settings):
+    settings.MQTT_CONSUMER_REPLICAS = 2
+    with pytest.raises(ValueError, match="no shared subscriptions"):
+        Consumer(replica=1)
+
+
+def test_the_commander_reaches_a_device_over_mqtt_3_1_1(hook_backend, operator):
+    """Rotation, renewals and firmware offers go out through the commander: RabbitMQ 3.10 speaks no MQTT 5."""
+    _, secret = device_with_secret(operator, "device-rq-cmd")
+    device = hook_backend.client("device-rq-cmd", "device-rq-cmd", secret, node=1)
+    assert device.connect() == 0 and device.subscribe("rx/device-rq-cmd/#") == [1]
+    outcome = commander.publish([("rx/device-rq-cmd/firmware", b"offer")], timeout=5)
+    assert outcome.acknowledged == [True]
+    assert device.wait_for(lambda ms: any(m.payload == b"offer" for m in ms), timeout=5)
 
 
 @pytest.mark.soak
