@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export PATH := $(PATH):/usr/sbin:/sbin
 
 .DEFAULT_GOAL := help
-.PHONY: help run test soak bench lint format venv system-deps system-deps-test assets clean clean-state
+.PHONY: help run run-cluster test soak bench lint format venv system-deps system-deps-test assets clean clean-state
 
 help: ## Show this help
 	@echo "Fleetkeeper: a security console for MQTT device fleets."
@@ -24,6 +24,9 @@ help: ## Show this help
 
 run: system-deps venv assets ## Install what is missing, migrate, create admin + demo fleet, start everything
 	@bash scripts/run.sh || { rc=$$?; if [ $$rc -eq 130 ] || [ $$rc -eq 143 ]; then echo "Stopped."; else exit $$rc; fi; }
+
+run-cluster: system-deps-cluster venv assets ## The same stack on a local two-node RabbitMQ cluster asking the console's hook
+	@bash scripts/run.sh --cluster || { rc=$$?; if [ $$rc -eq 130 ] || [ $$rc -eq 143 ]; then echo "Stopped."; else exit $$rc; fi; }
 
 test: system-deps-test venv assets ## Install what the tests need, check the import contracts, run the suite (but soak)
 	$(VENV)/bin/lint-imports --no-cache
@@ -50,6 +53,9 @@ format: venv ## Reformat the code with ruff
 
 system-deps: ## Install missing Debian packages: Redis, Mosquitto, Node.js/npm
 	@bash scripts/install-system-deps.sh
+
+system-deps-cluster: ## ... plus RabbitMQ (make run-cluster)
+	@bash scripts/install-system-deps.sh --cluster
 
 system-deps-test: ## ... plus Debian's Chromium (browser tests) and RabbitMQ (the cluster adapter's tests)
 	@bash scripts/install-system-deps.sh --test

@@ -4,6 +4,7 @@
 #   scripts/install-system-deps.sh            what `make run` needs: Redis, Mosquitto (+ clients), Node.js/npm
 #   scripts/install-system-deps.sh --test     ... plus Debian's Chromium for the Playwright browser tests, and
 #                                             RabbitMQ (the HTTP-hook adapter's tests run a real node)
+#   scripts/install-system-deps.sh --cluster  ... plus RabbitMQ (make run-cluster starts its own nodes)
 #   scripts/install-system-deps.sh --postgres ... plus PostgreSQL (CI runs the suite on it too)
 #
 # Uses apt-get (with sudo when not root). Never downloads browsers or binaries from anywhere else:
@@ -11,13 +12,15 @@
 set -euo pipefail
 
 want_test=0
+want_cluster=0
 want_postgres=0
 for arg in "$@"; do
     case "$arg" in
-        --test) want_test=1 ;;
+        --test) want_test=1 want_cluster=1 ;;
+        --cluster) want_cluster=1 ;;
         --postgres) want_postgres=1 ;;
         -h | --help)
-            sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -42,10 +45,12 @@ fi
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "$want_test" = 1 ]; then
     [ -x /usr/bin/chromium ] || missing+=(chromium)
-    # The tests start their own nodes from the package's scripts; Debian's service is not used.
-    compgen -G '/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin/rabbitmq-server' >/dev/null || missing+=(rabbitmq-server)
     # Fonts so that screenshots of pages show text.
     [ -d /usr/share/fonts/truetype/dejavu ] || missing+=(fonts-dejavu-core)
+fi
+if [ "$want_cluster" = 1 ]; then
+    # The tests and `make run-cluster` start their own nodes from the package's scripts; Debian's service is not used.
+    compgen -G '/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin/rabbitmq-server' >/dev/null || missing+=(rabbitmq-server)
 fi
 if [ "$want_postgres" = 1 ]; then
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)

@@ -2,8 +2,35 @@
 # `make run`: prepare the database, the first user and a demo fleet, then start the whole stack under
 # honcho (Procfile). Called by the Makefile after it has installed the system packages, the venv and the
 # browser assets. Idempotent: run it as often as you like; Ctrl-C stops everything it started.
+#
+#   scripts/run.sh             the stack on Mosquitto (make run)
+#   scripts/run.sh --cluster   the stack on a local two-node RabbitMQ cluster that asks the console's hook
+#                              (make run-cluster; docs/broker.md, "Choosing a broker")
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+cluster=0
+for arg in "$@"; do
+    case "$arg" in
+        --cluster) cluster=1 ;;
+        -h | --help)
+            sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "run.sh: unknown option '$arg' (see --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+if [ "$cluster" = 1 ]; then
+    # Every process of the stack enforces through the cluster: node 0's MQTT listener is MQTT_PORT (node 1's the
+    # next port), the management APIs are the two URLs. A value already in the environment (or .env) is kept.
+    export BROKER_BACKEND=rabbitmq
+    export RABBITMQ_MANAGEMENT_URLS="${RABBITMQ_MANAGEMENT_URLS:-http://127.0.0.1:15672,http://127.0.0.1:15673}"
+    # RabbitMQ 3.10 speaks MQTT 3.1.1 only; the hostile devices judge refusals by MQTT 5 reason codes.
+    export FLEET_SIMULATE_HOSTILE=0
+fi
 
 PY=.venv/bin/python
 export DJANGO_SETTINGS_MODULE=fleet.settings
@@ -57,6 +84,7 @@ print(f"MQTT_HOST={shlex.quote(settings.MQTT_HOST)}")
 print(f"MQTT_PORT={settings.MQTT_PORT}")
 print(f"MQTT_TLS_PORT={settings.MQTT_TLS_PORT}")
 print(f"MQTT_BROKER_DIR={shlex.quote(str(settings.MQTT_BROKER_DIR))}")
+print(f"BROKER_HOOK_PORT={settings.BROKER_HOOK_PORT}")
 PYEOF
 )"
 
@@ -80,13 +108,21 @@ else
     exit 1
 fi
 
-processes+=(broker)
-broker_note="Mosquitto: $MQTT_HOST:$MQTT_PORT (MQTT), $MQTT_TLS_PORT (TLS, client certificates); files in $MQTT_BROKER_DIR/, log in $VAR_DIR/mosquitto.log"
+if [ "$cluster" = 1 ]; then
+    processes+=(hook cluster)
+    broker_note="RabbitMQ: two nodes, MQTT on $MQTT_HOST:$MQTT_PORT and :$((MQTT_PORT + 1)), management $RABBITMQ_MANAGEMENT_URLS;
+             every login, publish and subscribe asks the hook on 127.0.0.1:$BROKER_HOOK_PORT; logs in $VAR_DIR/rabbitmq/
+             (the nodes take about 40 s to start and join; devices retry until then)"
+else
+    processes+=(broker)
+    broker_note="Mosquitto: $MQTT_HOST:$MQTT_PORT (MQTT), $MQTT_TLS_PORT (TLS, client certificates); files in $MQTT_BROKER_DIR/, log in $VAR_DIR/mosquitto.log"
+fi
 
 # The simulated fleet (design.md: on by default in make run). FLEET_SIMULATOR=0 leaves it out.
 if [ "${FLEET_SIMULATOR:-1}" != "0" ]; then
     processes+=(simulator)
     simulator_note="Simulator: ${FLEET_SIMULATE_DEVICES:-50} devices (${FLEET_SIMULATE_HOSTILE:-3} hostile) re-issued demo secrets; FLEET_SIMULATOR=0 to leave it out"
+    [ "$cluster" = 1 ] && simulator_note="$simulator_note; no hostile devices on RabbitMQ 3.10 (MQTT 3.1.1 only)"
 else
     simulator_note="Simulator: off (FLEET_SIMULATOR=0)"
 fi

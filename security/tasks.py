@@ -1,6 +1,7 @@
 """Broker enforcement tasks. Thin: take ids, call a service. Both are idempotent (they converge on the desired
 policy), so a redelivery after a worker crash is safe."""
 
+import redis
 from celery import shared_task
 from django.conf import settings
 from django.db import OperationalError
@@ -60,6 +61,19 @@ def reconcile_broker(trigger: str = "schedule") -> dict:
         "repaired": outcome.get("repaired"),
         "error": outcome.get("error", ""),
     }
+
+
+def reconcile_broker_soon(trigger: str) -> None:
+    """A broker just (re)started: apply and verify what changed while it was down. Through Celery when its Redis
+    answers (the worker retries), otherwise here and now (a stack without a worker). Raises what an inline
+    reconcile raises."""
+    try:
+        redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        with audit_context(service="broker-start"):
+            services.broker_reconcile(trigger=trigger)
+        return
+    reconcile_broker.delay(trigger=trigger)
 
 
 @shared_task(

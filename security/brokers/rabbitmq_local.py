@@ -8,12 +8,14 @@ tests; HOME is the node's directory, so the Erlang cookie is the node's own too.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -38,14 +40,26 @@ class RabbitNode:
         management_password: str,
         epmd_port: int | None = None,
         cookie: str | None = None,
+        mqtt_port: int | None = None,
+        management_port: int | None = None,
+        directory: Path | None = None,
     ):
         """``hook_url``: the console's hook up to the check name, e.g. http://127.0.0.1:8010/rabbitmq/<s>.
-        Nodes of one cluster share ``epmd_port`` and ``cookie`` (``RabbitCluster`` sees to it)."""
-        self.dir = Path(tempfile.mkdtemp(prefix="fleetkeeper-rabbitmq-"))
+        Nodes of one cluster share ``epmd_port`` and ``cookie`` (``RabbitCluster`` sees to it). The MQTT and
+        management ports are free ones unless given (``manage.py run_cluster`` gives the ones the settings name);
+        ``directory`` (made empty) instead of a temporary one."""
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            self.dir = directory
+        else:
+            self.dir = Path(tempfile.mkdtemp(prefix="fleetkeeper-rabbitmq-"))
         self.name = f"fk-{uuid.uuid4().hex[:8]}@localhost"
         self.hook_url = hook_url.rstrip("/")
         self.management_user, self.management_password = management_user, management_password
-        self.amqp_port, self.mqtt_port, self.management_port, self.dist_port = (free_port() for _ in range(4))
+        self.amqp_port, self.dist_port = free_port(), free_port()
+        self.mqtt_port = mqtt_port or free_port()
+        self.management_port = management_port or free_port()
         self.epmd_port = epmd_port or free_port()
         self.cookie = cookie or uuid.uuid4().hex
         self.proc: subprocess.Popen | None = None
@@ -118,8 +132,14 @@ log.file.level = info
         # A restarted node (stop(keep_dir=True)) finds its old pid file: `rabbitmqctl wait` would wait on that pid.
         (self.dir / "node.pid").unlink(missing_ok=True)
         self._out = (self.dir / "server.out").open("a")
+        # A process group of its own: the rabbitmq-server script runs the Erlang VM as its child, and a signal
+        # meant for the node must reach both (``terminate``).
         self.proc = subprocess.Popen(
-            [str(self.sbin / "rabbitmq-server")], env=self.env(), stdout=self._out, stderr=subprocess.STDOUT
+            [str(self.sbin / "rabbitmq-server")],
+            env=self.env(),
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.ctl("wait", "--timeout", str(int(timeout)), str(self.dir / "node.pid"), timeout=timeout + 10)
         self.ctl("await_startup", timeout=timeout)
@@ -158,7 +178,15 @@ log.file.level = info
         self.proc = None
         epmd = shutil.which("epmd") or next(iter(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")), None)
         if epmd and not keep_dir and not keep_epmd:
-            subprocess.run([epmd, "-port", str(self.epmd_port), "-kill"], capture_output=True, timeout=10)
+            # The port mapper refuses to stop while it still lists a node, and it notices a killed node's closed
+            # socket a moment later: ask again for a little while.
+            for _ in range(20):
+                answer = subprocess.run(
+                    [epmd, "-port", str(self.epmd_port), "-kill"], capture_output=True, text=True, timeout=10
+                )
+                if "not allowed" not in answer.stdout + answer.stderr:
+                    break
+                time.sleep(0.1)
         if not keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -167,9 +195,11 @@ class RabbitCluster:
     """Nodes on one host, each with its own ports and directory, one Erlang cookie and port mapper, joined into one
     cluster (../shared/rabbitmq-notes.md: how two nodes run on one host)."""
 
-    def __init__(self, size: int, **node_kwargs):
+    def __init__(self, size: int, *, node_options: list[dict] | None = None, **node_kwargs):
+        """``node_options``: per node, keyword arguments of its own (ports, directory)."""
         epmd_port, cookie = free_port(), uuid.uuid4().hex
-        self.nodes = [RabbitNode(epmd_port=epmd_port, cookie=cookie, **node_kwargs) for _ in range(size)]
+        per_node = node_options or [{} for _ in range(size)]
+        self.nodes = [RabbitNode(epmd_port=epmd_port, cookie=cookie, **node_kwargs, **per_node[i]) for i in range(size)]
 
     def start(self) -> RabbitCluster:
         first, *others = self.nodes
@@ -178,6 +208,26 @@ class RabbitCluster:
             node.start()
             node.join(first)
         return self
+
+    def terminate(self, timeout: float = 1.0) -> None:
+        """Stop every node at once (SIGTERM: RabbitMQ's own orderly shutdown), kill what still runs after
+        ``timeout`` seconds, then the port mapper and the directories. For a process manager that waits only a few
+        seconds before it kills (honcho: 5 s); ``stop()`` is the slower, one-node-at-a-time way."""
+        started = [node for node in self.nodes if node.proc is not None]
+        for node in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for node in started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.proc.pid, signal.SIGKILL)  # whatever of the group outlived the orderly stop
+            node.proc.wait()
+            node.proc = None
+        self.nodes[0].stop()  # nothing runs any more: the port mapper and the directory
+        for node in self.nodes[1:]:
+            node.stop(keep_epmd=True)
 
     def stop(self) -> None:
         # The port mapper is shared: the last node to stop takes it down.

@@ -17,6 +17,7 @@ from devices.models import Device
 from fleetkeeper_device.simulator import DeviceSpec, Simulation, add_run_arguments, choose_hostile
 from fleetkeeper_device.topics import TopicScheme
 from security.audit import audit_context
+from security.brokers import broker_capabilities
 
 
 def issue_simulator_credentials(devices: list[Device], *, payload_keys: bool = False) -> list[DeviceSpec]:
@@ -71,6 +72,13 @@ class Command(BaseCommand):
             raise CommandError("--devices must be at least 1.")
         if hostile < 0 or hostile > count:
             raise CommandError(f"--hostile must be between 0 and --devices ({count}).")
+        capabilities = broker_capabilities()
+        mqtt_version = "5" if capabilities.get("mqtt5") else "3.1.1"
+        if hostile and mqtt_version != "5":
+            raise CommandError(
+                f"The {capabilities['name']} broker speaks MQTT 3.1.1 only, and hostile devices judge the broker's "
+                "refusals by MQTT 5 reason codes: simulate with --hostile 0."
+            )
         devices = list(
             Device.objects.filter(status=Device.Status.ACTIVE).select_related("model").order_by("client_id")[:count]
         )
@@ -114,6 +122,7 @@ class Command(BaseCommand):
             duration=options["duration"] or None,
             connect_rate=options["connect_rate"],
             max_packet_size=settings.MQTT_MAX_PACKET_SIZE,
+            mqtt_version=mqtt_version,
             topic_scheme=TopicScheme(tx_prefix=settings.MQTT_TOPIC_TX_PREFIX, rx_prefix=settings.MQTT_TOPIC_RX_PREFIX),
             seed=rng.randrange(2**32),
             out=self.stdout,

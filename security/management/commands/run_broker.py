@@ -23,6 +23,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from security.brokers import get_adapter
 from security.services import policy_desired
+from security.tasks import reconcile_broker_soon
 
 
 def _wait_for_listener(host: str, port: int, timeout: float) -> bool:
@@ -43,21 +44,9 @@ def _reconcile_when_listening(host: str, port: int) -> None:
     if not _wait_for_listener(host, port, timeout=60):
         return
     try:
-        import redis
-
-        redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_connect_timeout=1).ping()
-        from security.tasks import reconcile_broker
-
-        reconcile_broker.delay(trigger="broker-start")
-    except Exception:  # no Celery broker (so no worker either): do it here
-        from security.audit import audit_context
-        from security.services import broker_reconcile
-
-        with audit_context(service="broker-start"):
-            try:
-                broker_reconcile(trigger="broker-start")
-            except Exception as exc:  # noqa: BLE001 - a helper must never take the broker down
-                sys.stderr.write(f"run_broker: reconcile after start failed: {exc}\n")
+        reconcile_broker_soon(trigger="broker-start")
+    except Exception as exc:  # noqa: BLE001 - a helper must never take the broker down
+        sys.stderr.write(f"run_broker: reconcile after start failed: {exc}\n")
 
 
 class Command(BaseCommand):
