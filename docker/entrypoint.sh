@@ -5,6 +5,7 @@
 #   worker   the Celery worker (tasks, broker policy applies, the MQTT consumer)
 #   beat     Celery beat with the schedules stored in the database (django-celery-beat)
 #   broker   Mosquitto, with its config, password and ACL files rendered by the console (manage.py run_broker)
+#   hook     the HTTP auth hook RabbitMQ's nodes ask (gunicorn fleet.hook_wsgi on 0.0.0.0:8010; internal network only)
 # Anything else is run as given, e.g. `docker compose run --rm web python manage.py bootstrap_admin`.
 set -eu
 
@@ -33,6 +34,17 @@ case "${1:-web}" in
     beat)
         shift || true
         exec celery -A fleet beat --loglevel "${CELERY_LOG_LEVEL:-info}" --scheduler django "$@"
+        ;;
+    hook)
+        shift || true
+        # Threads, and keep-alive connections from the nodes: a connect is two questions (docs/broker.md).
+        exec gunicorn fleet.hook_wsgi:application \
+            --bind 0.0.0.0:8010 \
+            --worker-class gthread \
+            --workers "${HOOK_CONCURRENCY:-2}" \
+            --threads 8 \
+            --keep-alive 30 \
+            "$@"
         ;;
     broker)
         shift || true

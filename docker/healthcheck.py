@@ -3,6 +3,7 @@
     python docker/healthcheck.py web      the login page answers 200 through gunicorn and Django
     python docker/healthcheck.py broker   Mosquitto accepts TCP connections on MQTT_HOST:MQTT_PORT
     python docker/healthcheck.py consumer the MQTT consumer reported its counters to Redis in the last minute
+    python docker/healthcheck.py hook     the broker hook accepts TCP connections on 127.0.0.1:8010
 
 Exit 0 when healthy, 1 with a reason otherwise. Standard library only: it must not import Django.
 """
@@ -29,6 +30,12 @@ def web() -> str | None:
 def broker() -> str | None:
     address = (os.environ.get("MQTT_HOST", "127.0.0.1"), int(os.environ.get("MQTT_PORT", "18830")))
     with socket.create_connection(address, timeout=3):
+        return None
+
+
+def hook() -> str | None:
+    # A TCP connect only: every HTTP question without the brokers' secret is answered deny, and counted as one.
+    with socket.create_connection(("127.0.0.1", 8010), timeout=3):
         return None
 
 
@@ -63,7 +70,7 @@ def consumer() -> str | None:
 
 
 if __name__ == "__main__":
-    checks = {"web": web, "broker": broker, "consumer": consumer}
+    checks = {"web": web, "broker": broker, "consumer": consumer, "hook": hook}
     if len(sys.argv) != 2 or sys.argv[1] not in checks:
         sys.exit(f"usage: healthcheck.py {{{'|'.join(checks)}}}")
     try:

@@ -114,8 +114,15 @@ def test_docker_compose_wires_the_stack():
     services = compose["services"]
     assert {"postgres", "redis", "mosquitto", "web", "worker", "beat", "migrate"} <= set(services)
     for name, service in services.items():
-        if name != "migrate":
+        if name not in ("migrate", "rabbitmq-config"):
             assert "healthcheck" in service, f"{name} has no healthcheck"
+    # One broker per stack: `--profile mosquitto` or `--profile rabbitmq`; a service of one never waits for the other's.
+    profile = {name: service.get("profiles", []) for name, service in services.items()}
+    assert {p for profiles in profile.values() for p in profiles} == {"mosquitto", "rabbitmq"}
+    assert all(len(profiles) <= 1 for profiles in profile.values())
+    for name, service in services.items():
+        for needed in service.get("depends_on", {}):
+            assert profile[needed] in ([], profile[name]), f"{name} ({profile[name]}) waits for {needed}"
     for name in ("web", "worker", "beat", "mosquitto"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         assert services[name]["environment"]["FLEET_ENV"] == "production"
@@ -128,3 +135,68 @@ def test_docker_compose_wires_the_stack():
     entrypoint = (BASE_DIR / "docker" / "entrypoint.sh").read_text()
     for role in ("migrate)", "web)", "worker)", "beat)", "broker)"):
         assert role in entrypoint
+
+
+def _env_example_block(title: str) -> dict[str, str]:
+    """The commented-out NAME=value lines of .env.example's block that starts with ``title``."""
+    lines = (BASE_DIR / ".env.example").read_text().splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith(f"# {title}"))
+    block = {}
+    for line in lines[start + 1 :]:
+        match = re.fullmatch(r"# ([A-Z0-9_]+)=(.*)", line)
+        if not line.startswith("#") or (block and not match):
+            break
+        if match:
+            block[match[1]] = match[2]
+    return block
+
+
+def test_docker_compose_rabbitmq_profile_renders_a_cluster_the_console_reaches_and_publishes_no_console_port(
+    production_env, tmp_path
+):
+    """By reading, as above; the config one-shot's own command runs here, with docker/.env as .env.example's
+    "--profile rabbitmq" block says, and renders a config for the very nodes, hook and cache the compose file names."""
+    import yaml
+
+    services = yaml.safe_load((BASE_DIR / "docker-compose.yml").read_text())["services"]
+    nodes = {name: s for name, s in services.items() if re.fullmatch(r"rabbitmq-\d", name)}
+    assert len(nodes) == 3 and all(s["hostname"] == name for name, s in nodes.items())
+    config = services["rabbitmq-config"]
+    args = dict(arg.removeprefix("--").split("=", 1) for arg in config["command"][3:] if "=" in arg)
+    cluster = [arg.split("=", 1)[1] for arg in config["command"] if arg.startswith("--cluster-node=")]
+    assert cluster == [f"rabbit@{name}" for name in nodes]
+    assert f"rabbitmq-config:{args['out']}" in config["volumes"]
+    for name, node in nodes.items():
+        assert f"rabbitmq-config:{args['out']}:ro" in node["volumes"]
+        assert node["environment"]["RABBITMQ_CONFIG_FILE"] == f"{args['out']}/rabbitmq.conf"
+        assert f"{args['out']}/erlang.cookie" in node["entrypoint"][-1]
+        # Plain MQTT on this host only; the management API never published.
+        assert all(str(port).startswith("127.0.0.1:") and not str(port).endswith(":15672") for port in node["ports"])
+    assert nodes["rabbitmq-2"]["depends_on"] == {"rabbitmq-1": {"condition": "service_healthy"}}
+    hook = services[args["hook-host"]]
+    assert hook["command"] == ["hook"] and "ports" not in hook and hook["expose"] == ["8010"]
+    assert "hook)" in (BASE_DIR / "docker" / "entrypoint.sh").read_text()
+
+    env = _env_example_block("docker-compose --profile rabbitmq")
+    assert set(env) == {"BROKER_BACKEND", "RABBITMQ_MANAGEMENT_URLS", "ENFORCEMENT_CACHE_URL"}
+    cache_host = re.match(r"redis://([^:/]+)", env["ENFORCEMENT_CACHE_URL"])[1]
+    assert "--appendonly" in services[cache_host]["command"] and "yes" not in services[cache_host]["command"]
+    env |= {"MQTT_HOST": "rabbitmq-1", "MQTT_PORT": "1883"}
+    out = tmp_path / "rabbitmq"
+    assert config["command"][:3] == ["python", "manage.py", "render_rabbitmq_config"]
+    command = [arg for arg in config["command"][2:] if not arg.startswith(("--out=", "--owner="))]
+    done = manage(*command, f"--out={out}", env={**production_env, **env})
+    assert done.returncode == 0, done.stderr
+    conf = (out / "rabbitmq.conf").read_text()
+    assert f"auth_http.user_path = http://hook:8010/rabbitmq/{production_env['BROKER_HOOK_SECRET']}/user" in conf
+    assert "cluster_formation.classic_config.nodes.3 = rabbit@rabbitmq-3" in conf
+    assert {path.name for path in out.iterdir()} == {
+        "rabbitmq.conf",
+        "enabled_plugins",
+        "definitions.json",
+        "erlang.cookie",
+    }
+
+    # A docker/.env left as it was for the Mosquitto stack: the one-shot refuses, so no node starts.
+    refused = manage(*command, f"--out={tmp_path / 'refused'}", env=production_env)
+    assert refused.returncode != 0 and "BROKER_BACKEND is 'mosquitto'" in refused.stderr

@@ -30,12 +30,13 @@ from django.conf import settings
 from security.enforcement import cache, decisions, events
 from security.enforcement.state import identity_desired
 
+from . import rabbitmq_config
 from .base import ApplyResult, BrokerUnavailable
 from .hook_adapter import HookBrokerAdapter
 
 log = logging.getLogger(__name__)
 
-CHECKS = ("user", "vhost", "resource", "topic")
+CHECKS = rabbitmq_config.CHECKS
 EXCHANGE = "amq.topic"  # where rabbitmq_mqtt publishes and binds
 # rabbitmq_mqtt's queue for a client's subscriptions, per QoS: mqtt-subscription-<client id>qos0 / qos1.
 SUBSCRIPTION_QUEUE_PREFIX = "mqtt-subscription-"

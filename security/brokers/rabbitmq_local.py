@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fleet.ports import free_port, wait_for_port
 
-PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_backend_http", "rabbitmq_management")
+from .rabbitmq_config import enabled_plugins, render_conf
 
 
 def rabbitmq_sbin() -> Path:
@@ -43,11 +43,13 @@ class RabbitNode:
         mqtt_port: int | None = None,
         management_port: int | None = None,
         directory: Path | None = None,
+        definitions: str | None = None,
     ):
         """``hook_url``: the console's hook up to the check name, e.g. http://127.0.0.1:8010/rabbitmq/<s>.
         Nodes of one cluster share ``epmd_port`` and ``cookie`` (``RabbitCluster`` sees to it). The MQTT and
         management ports are free ones unless given (``manage.py run_cluster`` gives the ones the settings name);
-        ``directory`` (made empty) instead of a temporary one."""
+        ``directory`` (made empty) instead of a temporary one. ``definitions`` (rabbitmq_config.definitions()):
+        imported at boot, as docker-compose's nodes do, instead of adding the management user with rabbitmqctl."""
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True)
@@ -57,6 +59,7 @@ class RabbitNode:
         self.name = f"fk-{uuid.uuid4().hex[:8]}@localhost"
         self.hook_url = hook_url.rstrip("/")
         self.management_user, self.management_password = management_user, management_password
+        self.definitions = definitions
         self.amqp_port, self.dist_port = free_port(), free_port()
         self.mqtt_port = mqtt_port or free_port()
         self.management_port = management_port or free_port()
@@ -91,29 +94,19 @@ class RabbitNode:
         if not cookie.exists():
             cookie.write_text(self.cookie)
             cookie.chmod(0o400)
-        checks = "\n".join(
-            f"auth_http.{check}_path = {self.hook_url}/{check}" for check in ("user", "vhost", "resource", "topic")
-        )
         (self.dir / "rabbitmq.conf").write_text(
-            f"""listeners.tcp.default = 127.0.0.1:{self.amqp_port}
-management.tcp.ip = 127.0.0.1
-management.tcp.port = {self.management_port}
-mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}
-mqtt.allow_anonymous = false
-mqtt.vhost = /
-# The console's management user lives in the internal store (it has no vhost permission: it cannot use MQTT);
-# every other login is the hook's to decide.
-auth_backends.1 = internal
-auth_backends.2 = http
-auth_http.http_method = post
-{checks}
-loopback_users = none
-max_message_size = 65536
-log.console = false
-log.file.level = info
-"""
+            render_conf(
+                hook_url=self.hook_url,
+                amqp_listener=f"127.0.0.1:{self.amqp_port}",
+                mqtt_listener=f"127.0.0.1:{self.mqtt_port}",
+                management_ip="127.0.0.1",
+                management_port=self.management_port,
+                definitions_file=str(self.dir / "definitions.json") if self.definitions else None,
+            )
         )
-        (self.dir / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
+        if self.definitions:
+            (self.dir / "definitions.json").write_text(self.definitions)
+        (self.dir / "enabled_plugins").write_text(enabled_plugins())
 
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
         result = subprocess.run(
