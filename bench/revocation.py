@@ -4,7 +4,8 @@ from the API call returning to the broker dropping the device's live connection,
 other, p50 and p99, with a real Celery worker and a real Mosquitto:
   * 10,000 devices in the fleet and 2,000 connected (target p99 < 250 ms);
   * 100,000 devices in the fleet (target p99 < 500 ms);
-and the time from the API call returning to the revocation being *verified* (docs/revocation.md).
+and the time from the API call returning to the revocation being *verified* (docs/revocation.md). After each run,
+at the same fleet size: a new secret's issue -> usable time, and ?wait= (no device refused at its first connect).
 
 The revoked devices are connected from this process (raw MQTT sockets, one selector: the drop is the moment the
 broker closes the socket); the rest of the connected devices live in a `bench.hold` process. The API call goes
@@ -134,6 +135,65 @@ def _record_sessions_and_purge(action_ids: list[int], fleet: int, timeout: float
     )
 
 
+def _usable(port: int, username: str, password: str) -> bool:
+    result = connect_many(port, [(username, password)], concurrency=1, timeout=2.0, retry_refused_connect=False)
+    close_all(result.sockets)
+    return result.ok == 1
+
+
+def _bench_issue_to_usable(port: int, fleet: int, count: int = 50) -> None:
+    """Issue item 10 (issue #15): a new secret through the credentials API, and how long until a device can log in
+    with it; then the same with ?wait=5, where the first connect after the answer must always be accepted."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+    from rest_framework.test import APIClient
+
+    from devices.models import Device
+
+    operator, _ = get_user_model().objects.get_or_create(username="bench-operator")
+    operator.groups.add(Group.objects.get(name="operator"))
+    client = APIClient(SERVER_NAME="127.0.0.1", HTTP_HOST="127.0.0.1")
+    client.force_authenticate(user=operator)
+    names = [f"device-issue-{fleet}-{n}" for n in range(2 * count)]
+    Device.objects.bulk_create([Device(client_id=name) for name in names])  # no credential yet
+    usable, waited, refused_at_once = [], [], 0
+    for n, name in enumerate(names):
+        wait = n >= count
+        started = time.monotonic()
+        response = client.post(f"/api/v1/devices/{name}/credentials/{'?wait=5' if wait else ''}", {}, format="json")
+        returned = time.monotonic()
+        assert response.status_code == 201, response.content
+        password = response.json()["password"]
+        if wait:
+            waited.append((returned - started) * 1000)
+            refused_at_once += not _usable(port, name, password)
+            continue
+        deadline = returned + 10
+        while not _usable(port, name, password):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: the new secret was not usable 10 s after it was issued")
+            time.sleep(0.005)
+        usable.append((time.monotonic() - returned) * 1000)
+    record(
+        f"issue: API call returned -> secret usable, p99 (Mosquitto, {fleet:,} devices)",
+        _percentile(usable, 0.99),
+        "ms",
+        note=f"p50 {statistics.median(usable):.0f} ms over {count} issues; a station connecting at once is refused",
+    )
+    record(
+        f"issue with ?wait=5: API call -> answer, p99 (Mosquitto, {fleet:,} devices)",
+        _percentile(waited, 0.99),
+        "ms",
+        note=f"p50 {statistics.median(waited):.0f} ms over {count} issues",
+    )
+    record(
+        f"issue with ?wait=5: devices refused at their first connect after the answer (Mosquitto, {fleet:,} devices)",
+        refused_at_once,
+        f"of {count}",
+        target=1,
+    )
+
+
 def _cpu_ns(pid: int) -> int:
     """CPU time a process has used, in ns, summed over its threads (/proc/<pid>/task/*/schedstat, first field):
     unlike wall time, it does not grow when other processes on the machine take the cores."""
@@ -245,6 +305,7 @@ def bench_revocations(
             _breakdown(steps, action_id, returned_wall, closed_wall)
         _record_breakdown(steps, fleet)
         _record_sessions_and_purge(action_ids, fleet)
+        _bench_issue_to_usable(cfg.port, fleet)
         if holder is not None:
             holder.stdin.write("check\n")
             holder.stdin.flush()

@@ -264,6 +264,19 @@ def enforcement_enqueue(*, kind: str, client_id: str = "", summary: str = "", ac
     return change
 
 
+def enforcement_change_wait(change_id: int, *, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for an outbox change to be applied and verified on the broker (its row turns
+    ``applied``, whichever adapter applies it); True once it is. Never changes anything."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        state = EnforcementChange.objects.filter(pk=change_id).values_list("state", flat=True).first()
+        if state == EnforcementChange.State.APPLIED:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 def _invalidate_decisions(client_ids: list[str]) -> None:
     try:
         decision_cache.invalidate_changes(client_ids)

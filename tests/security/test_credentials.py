@@ -14,6 +14,7 @@ from security import services
 from security.enforcement.secrets import parse_hash, verify_secret
 from security.models import AuditEvent, DeviceCredential, EnforcementChange
 from tests.factories import DeviceFactory
+from tests.support.broker import raw_connect_code
 
 pytestmark = pytest.mark.django_db
 
@@ -202,3 +203,30 @@ def test_service_callers_issue_without_a_user_only_inside_an_audit_context():
         issued = services.credential_issue(actor=None, device=device)
     assert verify_secret(issued.password, DeviceCredential.objects.get(device=device).password_hash)
     assert AuditEvent.objects.get(action="credential.issue").actor_label == "service:simulator"
+
+
+@pytest.mark.integration
+def test_api_answer_says_when_the_broker_does_not_enforce_the_secret_yet(operator, mosquitto):
+    """No worker applies the change here: after the wait the answer says `enforced: false`, and it is true, the
+    broker refuses the secret. The secret is issued all the same (the change stays in the outbox)."""
+    device = DeviceFactory(client_id="device-wait0")
+    response = api_client(operator).post(f"/api/v1/devices/{device.client_id}/credentials/?wait=0.3", format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["enforced"] is False
+    assert EnforcementChange.objects.get(pk=body["change"]).state == "pending"
+    code = raw_connect_code(
+        mosquitto.port, client_id="device-wait0", username="device-wait0", password=body["password"]
+    )
+    assert code != 0
+    assert verify_secret(body["password"], DeviceCredential.objects.get(device=device).password_hash)
+
+
+@pytest.mark.parametrize("wait", ["soon", "-1", "10.5"])
+def test_api_wait_must_be_seconds_up_to_ten_and_a_bad_one_issues_nothing(operator, wait):
+    device = DeviceFactory(client_id="device-wait1")
+    response = api_client(operator).post(f"/api/v1/devices/{device.client_id}/credentials/?wait={wait}")
+    assert response.status_code == 400, response.content
+    assert "wait" in response.json()
+    assert not DeviceCredential.objects.filter(device=device).exists()
+    assert not EnforcementChange.objects.filter(client_id="device-wait1").exists()

@@ -187,6 +187,24 @@ def test_worker_killed_mid_revocation_does_not_lose_it(live_device, mosquitto, s
     assert EnforcementChange.objects.get(pk=change_id).state == "applied"
 
 
+def test_api_issue_with_wait_answers_once_the_broker_takes_the_new_secret_and_drops_the_old(
+    roles_present, celery_worker, mosquitto, operator
+):
+    """A provisioning station that connects the moment the answer arrives: with ?wait= it is never refused."""
+    DeviceFactory(client_id="device-wait2")
+    previous = None
+    for _ in range(2):  # the first secret, then a re-issue that replaces it
+        response = api(operator).post("/api/v1/devices/device-wait2/credentials/?wait=8", {}, format="json")
+        assert response.status_code == 201, response.content
+        issued = response.json()
+        assert issued["enforced"] is True, celery_worker.log()[-3000:]
+        assert EnforcementChange.objects.get(pk=issued["change"]).state == "applied"
+        assert can_connect(mosquitto.port, "device-wait2", issued["password"])  # at once, no retry
+        if previous:
+            assert not can_connect(mosquitto.port, "device-wait2", previous["password"])
+        previous = issued
+
+
 def test_reinstate_restores_access_only_with_a_new_secret(live_device, mosquitto, support, operator, celery_worker):
     device, old_secret = live_device("device-back1")
     record = api(support).post("/api/v1/devices/device-back1/revoke/", {"reason": "lost"}, format="json").json()

@@ -36,6 +36,26 @@ class CredentialSerializer(serializers.Serializer):
     username = serializers.CharField()
     password = serializers.CharField(help_text="Shown once; the console keeps only a hash.")
     broker = BrokerAddressSerializer()
+    enforced = serializers.BooleanField(
+        help_text="Whether the broker already accepts this secret (and refuses the one it replaced). When false, the "
+        "change is on its way: connect after `change` is applied, or ask with `?wait=`."
+    )
+    change = serializers.IntegerField(help_text="The enforcement change that carries the secret to the broker.")
+
+
+# The longest ?wait= a request may hold a web worker for.
+CREDENTIAL_MAX_WAIT = 10.0
+
+
+class CredentialQuerySerializer(serializers.Serializer):
+    wait = serializers.FloatField(
+        required=False,
+        default=0.0,
+        min_value=0.0,
+        max_value=CREDENTIAL_MAX_WAIT,
+        help_text=f"Seconds to wait (at most {CREDENTIAL_MAX_WAIT:g}) until the broker enforces the new secret before "
+        "answering; the secret is issued either way and `enforced` says which it was.",
+    )
 
 
 def broker_address() -> dict:
@@ -48,24 +68,31 @@ class DeviceCredentialView(APIView):
     @extend_schema(
         summary="Issue a device secret",
         description="Issues (or re-issues) the device's broker secret and returns it once. Re-issuing replaces the "
-        "old secret: a session still using it is disconnected when the broker reloads.",
-        parameters=[OpenApiParameter("client_id", OpenApiTypes.STR, OpenApiParameter.PATH)],
+        "old secret: a session still using it is disconnected when the broker reloads. The broker enforces the new "
+        "secret a little later (tens of milliseconds with a worker running): `enforced` says whether it already does, "
+        "and `?wait=2` holds the answer until it does (or 2 s have passed) for a station that connects at once.",
+        parameters=[OpenApiParameter("client_id", OpenApiTypes.STR, OpenApiParameter.PATH), CredentialQuerySerializer],
         request=CredentialRequestSerializer,
         responses={201: CredentialSerializer},
     )
     def post(self, request, client_id: str):
         device = get_object_or_404(Device, client_id=client_id)
+        query = CredentialQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
         body = CredentialRequestSerializer(data=request.data if isinstance(request.data, dict) else {})
         body.is_valid(raise_exception=True)
         issued = services.credential_issue(
             actor=request.user, device=device, secret=body.validated_data.get("password") or None
         )
+        enforced = services.enforcement_change_wait(issued.change.pk, timeout=query.validated_data["wait"])
         response = Response(
             {
                 "client_id": issued.client_id,
                 "username": issued.username,
                 "password": issued.password,
                 "broker": broker_address(),
+                "enforced": enforced,
+                "change": issued.change.pk,
             },
             status=status.HTTP_201_CREATED,
         )
