@@ -135,6 +135,24 @@ def _record_sessions_and_purge(action_ids: list[int], fleet: int, timeout: float
     )
 
 
+def _poll(predicate, *, timeout: float, what: str, interval: float) -> None:
+    """Until ``predicate()``; a RuntimeError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def _bench_user(username: str, role: str):
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+
+    user, _ = get_user_model().objects.get_or_create(username=username)
+    user.groups.add(Group.objects.get(name=role))
+    return user
+
+
 def _usable(port: int, username: str, password: str) -> bool:
     result = connect_many(port, [(username, password)], concurrency=1, timeout=2.0, retry_refused_connect=False)
     close_all(result.sockets)
@@ -144,14 +162,11 @@ def _usable(port: int, username: str, password: str) -> bool:
 def _bench_issue_to_usable(port: int, fleet: int, count: int = 50) -> None:
     """Issue item 10 (issue #15): a new secret through the credentials API, and how long until a device can log in
     with it; then the same with ?wait=5, where the first connect after the answer must always be accepted."""
-    from django.contrib.auth import get_user_model
-    from django.contrib.auth.models import Group
     from rest_framework.test import APIClient
 
     from devices.models import Device
 
-    operator, _ = get_user_model().objects.get_or_create(username="bench-operator")
-    operator.groups.add(Group.objects.get(name="operator"))
+    operator = _bench_user("bench-operator", "operator")
     client = APIClient(SERVER_NAME="127.0.0.1", HTTP_HOST="127.0.0.1")
     client.force_authenticate(user=operator)
     names = [f"device-issue-{fleet}-{n}" for n in range(2 * count)]
@@ -168,11 +183,12 @@ def _bench_issue_to_usable(port: int, fleet: int, count: int = 50) -> None:
             waited.append((returned - started) * 1000)
             refused_at_once += not _usable(port, name, password)
             continue
-        deadline = returned + 10
-        while not _usable(port, name, password):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: the new secret was not usable 10 s after it was issued")
-            time.sleep(0.005)
+        _poll(
+            lambda name=name, password=password: _usable(port, name, password),
+            timeout=10,
+            what=f"{name}: the new secret was not usable",
+            interval=0.005,
+        )
         usable.append((time.monotonic() - returned) * 1000)
     record(
         f"issue: API call returned -> secret usable, p99 (Mosquitto, {fleet:,} devices)",
@@ -275,11 +291,14 @@ def bench_revocations(
                     (_cpu_ns(worker_pid) - cpu_before[1]) / 1e6
                 )
                 timeline.append((action_id, returned_wall, returned_wall + (closed - returned)))
-            deadline = time.monotonic() + 30
-            while DeviceAction.objects.filter(pk=action_id).values_list("state", flat=True)[0] != "verified":
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"revocation {i} not verified after 30 s")
-                time.sleep(0.002)
+            _poll(
+                lambda action_id=action_id: (
+                    DeviceAction.objects.filter(pk=action_id).values_list("state", flat=True)[0] == "verified"
+                ),
+                timeout=30,
+                what=f"revocation {i} not verified",
+                interval=0.002,
+            )
             verified.append((time.monotonic() - returned) * 1000)
         record(
             f"revocation: API call returned -> connection dropped, p50 ({fleet:,} devices, {connected:,} connected)",
@@ -321,8 +340,6 @@ def bench_revocations(
 
 def run(*, fleet: int, connected: int, revocations: int, large_fleet: int, large_revocations: int) -> None:
     from django.conf import settings
-    from django.contrib.auth import get_user_model
-    from django.contrib.auth.models import Group
 
     from fleet.celery import app
     from security.brokers import broker_config
@@ -332,8 +349,7 @@ def run(*, fleet: int, connected: int, revocations: int, large_fleet: int, large
     app.conf.broker_url = redis.url
     cfg = broker_config()
     Path(cfg.broker_dir).mkdir(parents=True, exist_ok=True)
-    support, _ = get_user_model().objects.get_or_create(username="bench-support")
-    support.groups.add(Group.objects.get(name="support"))
+    support = _bench_user("bench-support", "support")
     worker = Worker(redis.url)
     # Targets (design.md): p99 < 250 ms with 10,000 devices, < 500 ms with 100,000.
     runs = [(fleet, revocations, 250)] + ([(large_fleet, large_revocations, 500)] if large_fleet else [])
