@@ -22,7 +22,7 @@ started=$(date +%s)
 echo "--- tests, parallel group ($jobs workers) ---"
 parallel_rc=0
 if [ "$jobs" -gt 1 ]; then
-    "$PYTEST" -q -ra -n "$jobs" --dist load -m "not serial and not soak" --junitxml="$reports/parallel.xml" \
+    "$PYTEST" -q -ra -n "$jobs" --dist loadgroup -m "not serial and not soak" --junitxml="$reports/parallel.xml" \
         -o junit_family=xunit1 "$@" || parallel_rc=$?
 else
     "$PYTEST" -q -ra -p no:xdist -m "not serial and not soak" --junitxml="$reports/parallel.xml" \

@@ -34,7 +34,8 @@ import urllib.request
 
 from django.conf import settings
 
-from security.enforcement import cache, decisions, events
+from security.enforcement import cache, decisions
+from security.enforcement.login import login_decision
 from security.enforcement.state import identity_desired
 
 from .base import ApplyResult, BrokerUnavailable
@@ -53,6 +54,9 @@ CAPABILITIES = {
     "tls_client_certificates": False,  # not wired by the console yet
     "oversize_disconnects": True,  # mqtt.max_packet_size: documented, not measured here
     "rights_change_needs_reconnect": True,  # authorization answers are cached per client
+    "denial_disconnects": True,  # authorization.deny_action = disconnect
+    "filters_each_delivery": False,  # a subscription is authorized once, when it is made
+    "foreign_client_id": "refused",  # the hook refuses a client id other than the username
     "verified_here": False,  # contract tests only: EMQX does not install on this project's machines
 }
 
@@ -84,12 +88,7 @@ def decide(check: str, body: bytes, *, content_type: str = "") -> tuple[decision
     if not username or not client_id:
         return decisions.Decision(False, "anonymous" if check == "authn" else "malformed"), said
     if check == "authn":
-        if events.too_many_failures(username):
-            return decisions.Decision(False, "too_many_failures"), said
-        identity = cache.identity(username)
-        return decisions.connect_decision(
-            identity, username=username, password=text.get("password", ""), client_id=client_id
-        ), said
+        return login_decision(username, password=text.get("password", ""), client_id=client_id), said
     action = said["permission"]
     if action not in ACTIONS or not said["topic"]:
         return decisions.Decision(False, "malformed"), said

@@ -100,6 +100,9 @@ CAPABILITIES = {
     "tls_client_certificates": True,
     "oversize_disconnects": True,  # max_packet_size
     "rights_change_needs_reconnect": False,  # the reload applies new ACLs to live sessions
+    "denial_disconnects": False,  # a denied publish or subscribe is answered (0x87/0x80 or silently) and ignored
+    "filters_each_delivery": True,  # acl_file is checked for every message delivered, not once per SUBSCRIBE
+    "foreign_client_id": "renamed",  # use_username_as_clientid: the session takes its username as client id
 }
 
 

@@ -27,7 +27,8 @@ import urllib.request
 
 from django.conf import settings
 
-from security.enforcement import cache, decisions, events
+from security.enforcement import cache, decisions
+from security.enforcement.login import login_decision
 from security.enforcement.state import identity_desired
 
 from . import rabbitmq_config
@@ -49,8 +50,11 @@ CAPABILITIES = {
     "shared_subscriptions": False,  # no $share/ before 3.13: one consumer replica reads the fleet's telemetry
     "events": "hook",  # refusals are the hook's events (security/enforcement/events.py)
     "tls_client_certificates": False,  # not wired by the console yet
-    "oversize_disconnects": False,  # max_message_size drops the message but keeps the connection
+    "oversize_disconnects": True,  # a publish over max_message_size ends the connection (measured, 3.10.8)
     "rights_change_needs_reconnect": True,  # topic decisions are cached per connection
+    "denial_disconnects": True,  # a denied publish or subscribe closes the connection
+    "filters_each_delivery": False,  # a subscription is checked once, when it is made
+    "foreign_client_id": "refused",  # the hook refuses a client id other than the username
 }
 
 
@@ -99,11 +103,7 @@ def _decide(check: str, fields: dict, said: dict) -> decisions.Decision:
         if not client_id:
             # Only MQTT logins carry a client id: a device secret presented on AMQP or to the management UI is refused.
             return decisions.Decision(False, "not_mqtt")
-        if events.too_many_failures(username):
-            return decisions.Decision(False, "too_many_failures")
-        return decisions.connect_decision(
-            cache.identity(username), username=username, password=fields.get("password", ""), client_id=client_id
-        )
+        return login_decision(username, password=fields.get("password", ""), client_id=client_id)
     identity = cache.identity(username)
     session = decisions.session_decision(identity, client_id=client_id)
     if not session:

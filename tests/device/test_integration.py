@@ -15,20 +15,13 @@ from fleetkeeper_device import Backoff, DeviceClient, protocol
 from fleetkeeper_device.simulator import DeviceSpec, Simulation
 from security import services
 from tests.factories import DeviceFactory
-from tests.support.broker import ConsoleClients
+from tests.support.broker import ConsoleClients, apply_now
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETTLE = 0.5  # how long a message that should not arrive is given to arrive anyway
-
-
-def apply_now():
-    """What the enforcement task does, run here: render, write, SIGHUP, canary probe."""
-    result = services.enforcement_apply(coalesce=False)
-    assert result is not None and result.probe is not None and result.probe.ok, result
-    return result
 
 
 def issue(operator, device, secret=None):

@@ -158,6 +158,26 @@ def test_a_username_with_too_many_failed_logins_is_refused_unchecked(hook_device
     assert [e.kind for e in events.read(start)][-1] == "bad_secret"  # another username is still checked
 
 
+@pytest.mark.parametrize("dialect", ["rabbitmq", "emqx"])
+def test_failed_logins_do_not_lock_the_console_out(dialect, settings):
+    """Anyone who reaches the broker can fail logins as the consumer, and the canary fails one on every apply: the
+    console's identities are not locked out (their secrets are random), but each failure is still an event."""
+    settings.BROKER_BACKEND = dialect
+    settings.BROKER_HOOK_LOGIN_FAILURES = 3
+    name, secret = settings.MQTT_PROBE_USERNAME, settings.MQTT_PROBE_PASSWORD
+
+    def login(password):
+        if dialect == "rabbitmq":
+            return rabbit("user", username=name, password=password, client_id=name, vhost="/") == b"allow"
+        answer = ask("emqx", "authn", {"username": name, "password": password, "clientid": name})
+        return answer.json()["result"] == "allow"
+
+    start = events.latest_id()
+    assert [login("guess") for _ in range(5)] == [False] * 5
+    assert login(secret)
+    assert [e.kind for e in events.read(start)] == ["bad_secret"] * 5
+
+
 def test_beyond_its_rate_the_hook_answers_deny_and_says_so(hook_device, settings):
     settings.BROKER_HOOK_RATE, settings.BROKER_HOOK_BURST = 0.001, 3
     answers = [rabbit("user", password=hook_device, **LOGIN) for _ in range(5)]

@@ -17,16 +17,9 @@ from security.pki import services as pki
 from security.pki.sessions import device_sessions_cut_off
 from tests.factories import DeviceFactory
 from tests.security.pki_helpers import csr_for, foreign_ca_certificate, key_pem, sign_with_console_ca
-from tests.support.broker import ConsoleClients, MqttClient, TlsFiles
+from tests.support.broker import ConsoleClients, MqttClient, TlsFiles, apply_now
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
-
-
-def apply_now():
-    result = services.enforcement_apply(coalesce=False)
-    assert result is not None and result.probe is not None
-    assert result.probe.ok, result.probe
-    return result
 
 
 def api_issue(user, client_id: str) -> tuple[str, str, str]:

@@ -221,12 +221,13 @@ class ConsoleClients:
     only console identity allowed to write rx/+/...) sends to devices. Reads go to the consumer, publishes to the
     commander, so a test exercises the same least-privilege split as production."""
 
-    def __init__(self, port: int, *, host: str = "127.0.0.1"):
+    def __init__(self, port: int, *, host: str = "127.0.0.1", protocol=mqtt.MQTTv5):
         from django.conf import settings
 
         self.reader = MqttClient(
             port,
             host=host,
+            protocol=protocol,
             client_id=settings.MQTT_CONSUMER_USERNAME,
             username=settings.MQTT_CONSUMER_USERNAME,
             password=settings.MQTT_CONSUMER_PASSWORD,
@@ -234,6 +235,7 @@ class ConsoleClients:
         self.sender = MqttClient(
             port,
             host=host,
+            protocol=protocol,
             client_id=settings.MQTT_COMMANDER_USERNAME,
             username=settings.MQTT_COMMANDER_USERNAME,
             password=settings.MQTT_COMMANDER_PASSWORD,
@@ -307,3 +309,14 @@ def raw_connect_code(
         return client.connect(timeout=timeout)
     finally:
         client.close()
+
+
+def apply_now():
+    """What the worker's apply task does with the pending changes, run here (Mosquitto: render, write, SIGHUP; a hook
+    broker: invalidate, kick), then the canary probe, which must pass."""
+    from security import services
+
+    result = services.enforcement_apply(coalesce=False)
+    assert result is not None and result.probe is not None
+    assert result.probe.ok, result.probe
+    return result
