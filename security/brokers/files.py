@@ -133,6 +133,23 @@ class MosquittoFiles(BrokerAdapter):
         paths = self.paths
         return LoadedFiles(config=_read(paths["config"]), passwd=_read(paths["passwd"]), acl=_read(paths["acl"]))
 
+    def loaded_probe_password(self, probe_secret: str) -> str:
+        """The canary probe's password for the generation the broker has loaded, derived from the files on disk (as
+        the revocation fast path does); "" when they are missing or not laid out as the console renders them."""
+        loaded = self.loaded_bytes()
+        if not loaded.complete():
+            return ""
+        try:
+            derived = derive_policy(
+                loaded, probe_username=self.probe_username, probe_secret=probe_secret, iterations=self.cfg.iterations
+            )
+        except PolicyError:
+            return ""
+        # Derived again, the files must come out byte for byte: then the probe's line on disk is the derived one.
+        if derived.digest != files_digest_bytes(config=loaded.config, passwd=loaded.passwd, acl=loaded.acl):
+            return ""
+        return derived.probe_password
+
     def loaded_bytes(self) -> LoadedBytes:
         paths = self.paths
         return LoadedBytes(

@@ -39,6 +39,11 @@ class HookBrokerAdapter(abc.ABC):
         """The CONNACK code an MQTT login gets from the broker (0: accepted). Raises BrokerUnavailable."""
         return connect_code(self.host, self.port, username=username, password=password, timeout=self.timeout)
 
+    def loaded_probe_password(self, probe_secret: str) -> str:
+        """The probe's password as the broker checks it: the hook asks the core each time, so it is the secret itself
+        (no generations, nothing loaded)."""
+        return probe_secret
+
     def probe(self) -> ProbeResult:
         """The canary: the console's probe identity logs in with its secret (the hook must say allow) and with a
         random one (the hook must say deny). Nothing is loaded: every question is asked afresh."""

@@ -45,19 +45,11 @@ def probe_identity() -> Identity:
     """The console's probe with the password of the generation the broker has loaded (derived from the files on disk,
     as the revocation fast path does); the desired policy's when the files are not the console's rendering."""
     from security.brokers import get_adapter
-    from security.brokers.files import derive_policy
 
     username = settings.MQTT_PROBE_USERNAME
     password = ""
-    with contextlib.suppress(Exception):
-        loaded = get_adapter().loaded_bytes()
-        if loaded.complete():
-            password = derive_policy(
-                loaded,
-                probe_username=username,
-                probe_secret=settings.MQTT_PROBE_PASSWORD,
-                iterations=settings.MQTT_PASSWORD_ITERATIONS,
-            ).probe_password
+    with contextlib.suppress(Exception):  # no files yet, an unreadable directory: the desired policy's password
+        password = get_adapter().loaded_probe_password(settings.MQTT_PROBE_PASSWORD)
     if not password:
         from security.services import policy_desired
 

@@ -149,6 +149,19 @@ def test_digest_is_stable_and_the_probe_password_follows_the_generation(db):
     assert other.digest != one.digest and other.probe_password != one.probe_password
 
 
+def test_the_probe_password_of_the_loaded_generation_is_read_from_the_files_on_disk(db, settings, mqtt_test_settings):
+    """What the posture audit logs in with: the generation the broker loaded, not the one the database wants now."""
+    adapter = get_adapter()
+    assert adapter.loaded_probe_password(settings.MQTT_PROBE_PASSWORD) == ""  # nothing written yet
+    written = policy_desired()
+    adapter.write(written)
+    Device.objects.create(client_id="device-later")  # the desired policy moves on; the files on disk do not
+    assert adapter.loaded_probe_password(settings.MQTT_PROBE_PASSWORD) == written.probe_password
+    passwd = mqtt_test_settings["dir"] / "passwd"
+    passwd.write_text(passwd.read_text() + "hand-added:line\n")  # not the console's rendering any more
+    assert adapter.loaded_probe_password(settings.MQTT_PROBE_PASSWORD) == ""
+
+
 def test_config_sets_the_limits_and_the_identity_binding(db, settings):
     settings.MQTT_MAX_PACKET_SIZE = 12345
     cfg, policy = render()
