@@ -29,7 +29,6 @@ from . import services, topics
 from .audit import actor_label, audit_context, audit_record, current_context
 from .brokers import get_adapter
 from .brokers.base import BrokerUnavailable, files_digest_bytes
-from .brokers.files import derive_policy
 from .brokers.hook_adapter import HookBrokerAdapter
 from .brokers.mqtt_client import connect_code
 from .brokers.render import probe_generation_password
@@ -591,19 +590,6 @@ def policy_fast_revoke(*, up_to_id: int | None, state, adapter):
     DeviceCertificate = getattr(security_models, "DeviceCertificate", None)  # noqa: N806
     if DeviceCertificate is not None and DeviceCertificate.objects.filter(client_id__in=usernames).exists():
         return None
-    # The files the last successful apply wrote and validated, proven by their digest: from this process's memory
-    # when the files on disk are still the ones it renamed into place, else read once as bytes and hashed.
-    loaded = adapter.loaded_bytes_matching(state.applied_digest)
-    if loaded is None:
-        return None
-    acl_lines = set(loaded.acl.split(b"\n"))
-    if any(f"user {u}".encode() in acl_lines for u in usernames):
-        return None
-    return derive_policy(
-        loaded,
-        probe_username=settings.MQTT_PROBE_USERNAME,
-        probe_secret=settings.MQTT_PROBE_PASSWORD,
-        iterations=adapter.cfg.iterations,
-        remove=usernames,
-        base_digest=state.applied_digest,
+    return adapter.policy_without(
+        usernames, applied_digest=state.applied_digest, probe_secret=settings.MQTT_PROBE_PASSWORD
     )

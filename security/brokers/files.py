@@ -133,6 +133,27 @@ class MosquittoFiles(BrokerAdapter):
         paths = self.paths
         return LoadedFiles(config=_read(paths["config"]), passwd=_read(paths["passwd"]), acl=_read(paths["acl"]))
 
+    def policy_without(self, usernames: set[str], *, applied_digest: str, probe_secret: str) -> DerivedPolicy | None:
+        """The last applied policy minus the password lines of ``usernames`` (the revocation fast path,
+        security/revocation.py), or None when that would not equal a full render: the files on disk are not byte for
+        byte what the apply of ``applied_digest`` wrote, or one of them has an ACL block of its own (a quarantine).
+        The files come from this process's memory when they are still the ones it renamed into place, else they are
+        read once as bytes and hashed."""
+        loaded = self.loaded_bytes_matching(applied_digest)
+        if loaded is None:
+            return None
+        acl_lines = set(loaded.acl.split(b"\n"))
+        if any(f"user {u}".encode() in acl_lines for u in usernames):
+            return None
+        return derive_policy(
+            loaded,
+            probe_username=self.probe_username,
+            probe_secret=probe_secret,
+            iterations=self.cfg.iterations,
+            remove=usernames,
+            base_digest=applied_digest,
+        )
+
     def loaded_probe_password(self, probe_secret: str) -> str:
         """The canary probe's password for the generation the broker has loaded, derived from the files on disk (as
         the revocation fast path does); "" when they are missing or not laid out as the console renders them."""
