@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 from datetime import UTC, timedelta
 
 from django.conf import settings
@@ -28,15 +27,12 @@ from django.db.models import Max, Min, Q
 from django.utils import timezone
 
 from devices.models import Device
-from security.enforcement.secrets import hash_secret
 
-from . import services, topics
+from . import services
 from .audit import audit_context, audit_record
 from .brokers import get_adapter
-from .brokers.base import BrokerUnavailable, files_digest_bytes
-from .brokers.files import derive_policy
 from .brokers.render import SESSIONS_USERNAME
-from .brokers.sessions import SessionWatcher, purge_device_session
+from .brokers.sessions import SessionWatcher
 from .models import BrokerState, DeviceAction, EnforcementChange
 
 logger = logging.getLogger(__name__)
@@ -172,7 +168,6 @@ def revoked_sessions_purge(*, force: bool = False) -> dict:
         if wait:
             return {"deferred": wait, "pending": len(rows)}
     adapter = get_adapter()
-    cfg = adapter.cfg
     with services.broker_lock():
         # Again under the lock: another worker's purge may have done some of them meanwhile.
         rows = list(_pending_purges().filter(pk__in=[r.pk for r in rows]).order_by("id"))
@@ -191,80 +186,15 @@ def revoked_sessions_purge(*, force: bool = False) -> dict:
         if services._pending_max_id() is not None:
             return {"deferred": 2.0, "why": "enforcement changes are pending; they go first"}
         state = BrokerState.load()
-        loaded = adapter.loaded_bytes()
-        base_digest = (
-            files_digest_bytes(config=loaded.config, passwd=loaded.passwd, acl=loaded.acl) if loaded.complete() else ""
-        )
-        if not base_digest or base_digest != state.applied_digest:
-            # The files are not what the last apply wrote: the reconcile job repairs them first.
-            return {"deferred": float(settings.MQTT_RECONCILE_SECONDS), "why": "the broker's files differ"}
-        acl_text = loaded.acl.decode()
-        acl_users = {line[5:].strip() for line in acl_text.splitlines() if line.startswith("user ")}
-        one_time = {row.client_id: secrets.token_urlsafe(32) for row in rows}
-        grants, channels = [], {}
-        tx, rx = cfg.tx_prefix, cfg.rx_prefix
-        for client_id in sorted(one_time):
-            if client_id in acl_users:
-                channels[client_id] = []  # it has a block already (a certificate cut off): no grants added to it
-                continue
-            own_tx = [f"{tx}/{client_id}/{c}" for c in topics.TX_CHANNELS]
-            own_rx = [f"{rx}/{client_id}/{c}" for c in topics.RX_CHANNELS]
-            channels[client_id] = own_tx + own_rx
-            grants.append(f"user {client_id}")
-            grants += [f"topic read {t}" for t in own_tx] + [f"topic write {t}" for t in own_rx]
-        purge_acl = acl_text
-        if grants:
-            purge_acl = (
-                acl_text.rstrip("\n")
-                + "\n\n# Session purge: one-time lines for revoked devices, removed right after (docs/revocation.md).\n"
-                + "\n".join(grants)
-                + "\n"
-            )
-        purge_policy = derive_policy(
-            loaded,
-            probe_username=settings.MQTT_PROBE_USERNAME,
+        done = adapter.purge_sessions(
+            [r.client_id for r in rows],
+            applied_digest=state.applied_digest,
             probe_secret=settings.MQTT_PROBE_PASSWORD,
-            iterations=cfg.iterations,
-            add=tuple(
-                (cid, hash_secret(secret, iterations=cfg.iterations)) for cid, secret in sorted(one_time.items())
-            ),
-            acl=purge_acl,
-            base_digest=base_digest,
+            before_login=_purge_announce,
         )
-        restore = derive_policy(
-            loaded,
-            probe_username=settings.MQTT_PROBE_USERNAME,
-            probe_secret=settings.MQTT_PROBE_PASSWORD,
-            iterations=cfg.iterations,
-            base_digest=base_digest,
-        )
-        if restore.digest != base_digest:  # the loaded files are not laid out as rendered: leave them alone
-            return {"deferred": float(settings.MQTT_RECONCILE_SECONDS), "why": "the broker's files are not as rendered"}
-        outcomes: dict[str, dict] = {}
-        error = ""
-        try:
-            result = adapter.apply(purge_policy)
-            if not (result.probe and result.probe.ok):
-                error = f"the broker did not load the purge's lines: {result.probe.error if result.probe else ''}"
-            else:
-                _purge_announce(sorted(one_time))
-                for client_id, secret in sorted(one_time.items()):
-                    outcome = purge_device_session(
-                        cfg.host, cfg.port, client_id=client_id, password=secret, topics=channels[client_id]
-                    )
-                    outcomes[client_id] = {"at": _now_ms(), **outcome.as_dict()}
-                    if not channels[client_id]:
-                        outcomes[client_id]["retained_note"] = "not cleared: the device has an ACL block of its own"
-        except BrokerUnavailable as exc:
-            error = str(exc)
-        finally:
-            one_time.clear()
-            # Put back exactly the files the broker had (same bytes, same generation, same digest).
-            try:
-                adapter.apply(restore, force_reload=True)
-            except BrokerUnavailable as exc:
-                error = error or str(exc)
-                logger.warning("the purge could not restore the broker's files (%s); the reconcile job does", exc)
+        if "deferred" in done:  # the files are not what the last apply wrote: the reconcile job repairs them first
+            return {"deferred": float(settings.MQTT_RECONCILE_SECONDS), "why": done["deferred"]}
+        outcomes, error = done["outcomes"], done["error"]
         purged = 0
         for row in rows:
             outcome = outcomes.get(row.client_id)

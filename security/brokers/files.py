@@ -5,16 +5,19 @@ where the dynamic-security plugin needs ~65 ms per command at 10,000 clients).""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import signal
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from security import topics
 from security.enforcement.secrets import hash_secret
 
 from .base import (
@@ -40,6 +43,7 @@ from .render import (
     validate_acl,
     validate_config,
 )
+from .sessions import purge_device_session
 
 FILE_MODE = 0o640  # the broker may run as another user of the same group (docs/broker.md)
 TLS_KEY_MODE = 0o600  # the broker's private key: its own user only
@@ -87,6 +91,13 @@ def _stat_key(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+logger = logging.getLogger(__name__)
+
+
+def _now_ms() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 CAPABILITIES = {
@@ -153,6 +164,87 @@ class MosquittoFiles(BrokerAdapter):
             remove=usernames,
             base_digest=applied_digest,
         )
+
+    def purge_sessions(
+        self, client_ids: list[str], *, applied_digest: str, probe_secret: str, before_login=None
+    ) -> dict:
+        """Purge by takeover (docs/revocation.md): discard the persistent sessions and clear the retained messages of
+        these revoked devices. Each gets a one-time random secret (only in this process's memory) and a temporary ACL
+        block (read its own tx channels, write its own rx channels), the broker reloads, the purge connects as the
+        device (MQTT 5, clean start off, session expiry 0) and clears what it finds, and the files the broker had are
+        put back byte for byte. ``before_login(client_ids)`` runs once the lines are loaded, before the logins.
+
+        ``{"deferred": why}`` when the files on disk are not what the apply of ``applied_digest`` wrote (the reconcile
+        job repairs them first); else ``{"outcomes": {client_id: {...}}, "error": ""}``."""
+        cfg = self.cfg
+        loaded = self.loaded_bytes()
+        base_digest = (
+            files_digest_bytes(config=loaded.config, passwd=loaded.passwd, acl=loaded.acl) if loaded.complete() else ""
+        )
+        if not base_digest or base_digest != applied_digest:
+            return {"deferred": "the broker's files differ"}
+        acl_text = loaded.acl.decode()
+        acl_users = {line[5:].strip() for line in acl_text.splitlines() if line.startswith("user ")}
+        one_time = {client_id: secrets.token_urlsafe(32) for client_id in client_ids}
+        grants, channels = [], {}
+        tx, rx = cfg.tx_prefix, cfg.rx_prefix
+        for client_id in sorted(one_time):
+            if client_id in acl_users:
+                channels[client_id] = []  # it has a block already (a certificate cut off): no grants added to it
+                continue
+            own_tx = [f"{tx}/{client_id}/{c}" for c in topics.TX_CHANNELS]
+            own_rx = [f"{rx}/{client_id}/{c}" for c in topics.RX_CHANNELS]
+            channels[client_id] = own_tx + own_rx
+            grants.append(f"user {client_id}")
+            grants += [f"topic read {t}" for t in own_tx] + [f"topic write {t}" for t in own_rx]
+        purge_acl = acl_text
+        if grants:
+            purge_acl = (
+                acl_text.rstrip("\n")
+                + "\n\n# Session purge: one-time lines for revoked devices, removed right after (docs/revocation.md).\n"
+                + "\n".join(grants)
+                + "\n"
+            )
+        common = {"probe_username": self.probe_username, "probe_secret": probe_secret, "iterations": cfg.iterations}
+        purge_policy = derive_policy(
+            loaded,
+            **common,
+            add=tuple(
+                (cid, hash_secret(secret, iterations=cfg.iterations)) for cid, secret in sorted(one_time.items())
+            ),
+            acl=purge_acl,
+            base_digest=base_digest,
+        )
+        restore = derive_policy(loaded, **common, base_digest=base_digest)
+        if restore.digest != base_digest:  # the loaded files are not laid out as rendered: leave them alone
+            return {"deferred": "the broker's files are not as rendered"}
+        outcomes: dict[str, dict] = {}
+        error = ""
+        try:
+            result = self.apply(purge_policy)
+            if not (result.probe and result.probe.ok):
+                error = f"the broker did not load the purge's lines: {result.probe.error if result.probe else ''}"
+            else:
+                if before_login is not None:
+                    before_login(sorted(one_time))
+                for client_id, secret in sorted(one_time.items()):
+                    outcome = purge_device_session(
+                        cfg.host, cfg.port, client_id=client_id, password=secret, topics=channels[client_id]
+                    )
+                    outcomes[client_id] = {"at": _now_ms(), **outcome.as_dict()}
+                    if not channels[client_id]:
+                        outcomes[client_id]["retained_note"] = "not cleared: the device has an ACL block of its own"
+        except BrokerUnavailable as exc:
+            error = str(exc)
+        finally:
+            one_time.clear()
+            # Put back exactly the files the broker had (same bytes, same generation, same digest).
+            try:
+                self.apply(restore, force_reload=True)
+            except BrokerUnavailable as exc:
+                error = error or str(exc)
+                logger.warning("the purge could not restore the broker's files (%s); the reconcile job does", exc)
+        return {"outcomes": outcomes, "error": error}
 
     def loaded_probe_password(self, probe_secret: str) -> str:
         """The canary probe's password for the generation the broker has loaded, derived from the files on disk (as
