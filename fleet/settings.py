@@ -352,7 +352,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["security.permissions.RolePermission"],
     "DEFAULT_PARSER_CLASSES": [
-        "fleet.parsers.JSONObjectParser",
+        "fleet.api.JSONObjectParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
