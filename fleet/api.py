@@ -5,7 +5,6 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DataError, IntegrityError, models
 from rest_framework import exceptions, serializers, status
 from rest_framework.pagination import PageNumberPagination
-from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -25,17 +24,6 @@ class StrictModelSerializer(serializers.ModelSerializer):
         models.CharField: StrictCharField,
         models.TextField: StrictCharField,
     }
-
-
-class JSONObjectParser(JSONParser):
-    """Every API body is an object: anything else (``0.0``, ``[]``, ``"text"``, ``null``) is a 400 that says so,
-    instead of being read as an empty body (which made ``0.0`` re-issue a device's secret with a generated one)."""
-
-    def parse(self, stream, media_type=None, parser_context=None):
-        data = super().parse(stream, media_type, parser_context)
-        if not isinstance(data, dict):
-            raise exceptions.ParseError(f"The JSON body must be an object ({{...}}), not {type(data).__name__}.")
-        return data
 
 
 class Pagination(PageNumberPagination):
